@@ -1,0 +1,86 @@
+"""The reference backend: Algorithm 1 of the ND-Adam paper, line by line, one tensor at a time.
+
+This is the oracle the fused backends are tested against, written to be read next to the paper
+(``../shared/seed``, Algorithm 1) rather than to be fast. Tensors are:
+
+- ``param``: any shape ``[rows, *]`` with ``dim() >= 2``; row ``i`` is ``w_i``.
+- ``grad``: ``ḡ``, same shape; never modified.
+- ``exp_avg``: ``m``, same shape, fp32 (fp64 for fp64 params).
+- ``exp_avg_sq``: ``v``, shape ``[rows]``: ONE second moment per row.
+- ``step``: a 0-dim CPU tensor ``t``, incremented before use.
+
+The math runs in the state's dtype (fp32, or fp64), so bf16 and fp16 params are read up and
+rounded once when the new row is written back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.optim.adam import adam
+
+__all__ = ["vector_step", "scalar_step"]
+
+
+def vector_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """θ^v update of Algorithm 1 for each tensor in turn (weight decay is a no-op on unit rows)."""
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+        step_t += 1
+        t = step_t.item()
+        rows = param.shape[0]
+        compute_dtype = exp_avg.dtype
+        w = param.reshape(rows, -1).to(compute_dtype)  # w_{i,t-1}, unit rows
+        g_bar = grad.reshape(rows, -1).to(compute_dtype)  # ḡ_t(w_i)
+        m = exp_avg.view(rows, -1)
+        v = exp_avg_sq
+
+        # g_t(w_i) ← ḡ_t(w_i) − (ḡ_t(w_i) · w_{i,t−1}) w_{i,t−1}
+        g = g_bar - (g_bar * w).sum(dim=1, keepdim=True) * w
+        # m_t(w_i) ← β1 m_{t−1}(w_i) + (1 − β1) g_t(w_i)
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        # v_t(w_i) ← β2 v_{t−1}(w_i) + (1 − β2) ||g_t(w_i)||²
+        v.mul_(beta2).add_(g.square().sum(dim=1), alpha=1 - beta2)
+        # m̂_t ← m_t / (1 − β1^t);  v̂_t ← v_t / (1 − β2^t)
+        m_hat = m / (1 - beta1**t)
+        v_hat = v / (1 - beta2**t)
+        # w̄_{i,t} ← w_{i,t−1} − α m̂_t / (sqrt(v̂_t) + ε)
+        denom = v_hat.sqrt().add_(eps)
+        # v̂ = 0 means every projected gradient so far was 0, so m̂ = 0 and the step is 0; with
+        # eps = 0 that would be 0/0, so divide by 1 there instead.
+        denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+        w_bar = w - lr * m_hat / denom.unsqueeze(1)
+        # w_{i,t} ← w̄_{i,t} / ||w̄_{i,t}||
+        w_new = w_bar / w_bar.norm(dim=1, keepdim=True)
+        param.copy_(w_new.view(param.shape))
+
+
+def scalar_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """θ^s update of Algorithm 1: torch.optim's own single-tensor Adam with L2 weight decay."""
+    adam(
+        params, grads, exp_avgs, exp_avg_sqs, [], state_steps,
+        foreach=False, fused=False, capturable=False, differentiable=False,
+        amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
+    )
