@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, _get_scalar_dtype
+from torch.optim.optimizer import Optimizer
 
 from . import backends
 
@@ -330,7 +330,8 @@ class NDAdam(Optimizer):
             state = self.state[param]
             if len(state) == 0:
                 dtype = _state_dtype(param, vector)
-                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                # On the param's device, as fused Adam keeps it: the fused kernels read it there.
+                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
                 if vector:
                     state["exp_avg"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
                     state["exp_avg_sq"] = torch.zeros(param.shape[0], dtype=dtype, device=param.device)
@@ -407,6 +408,9 @@ class NDAdam(Optimizer):
             param, vector, _, _ = id_to_param[saved_id]
             for key in ("exp_avg", "exp_avg_sq"):
                 self.state[param][key] = saved_state[key].to(device=param.device, dtype=_state_dtype(param, vector))
+            step = self.state[param].get("step")
+            if isinstance(step, Tensor):
+                self.state[param]["step"] = step.to(device=param.device, dtype=torch.float32)
 
 
 def ndadam(

@@ -357,6 +357,18 @@ def test_sparse_gradient_raises_before_any_group_is_updated():
     assert len(opt.state) == 0
 
 
-def test_named_backend_that_is_missing_says_so():
-    with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
-        NDAdam([nn.Parameter(torch.randn(2, 2))], backend="triton")
+def test_named_backend_that_is_missing_says_so_and_how_to_get_it(monkeypatch):
+    import ndadam_fused.backends as backends
+
+    monkeypatch.setitem(backends._REASONS, "triton", lambda device: "Triton is not installed; `pip install triton`")
+    w = nn.Parameter(torch.randn(2, 2))
+    before = w.detach().clone()
+    with pytest.raises(RuntimeError, match=r"backend 'triton' is not available on cpu: .*pip install triton"):
+        NDAdam([w], backend="triton")
+    assert torch.equal(w, before)
+
+
+def test_auto_never_picks_the_triton_interpreter_for_cpu_tensors():
+    import ndadam_fused.backends as backends
+
+    assert backends.auto_backend("cpu") != "triton"

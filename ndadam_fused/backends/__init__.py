@@ -11,27 +11,52 @@ oracle every other backend is tested against.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from types import ModuleType
 
 import torch
 
-__all__ = ["BACKEND_NAMES", "available_backends", "check_name", "resolve", "unavailable_reason"]
+__all__ = ["BACKEND_NAMES", "auto_backend", "available_backends", "check_name", "resolve", "unavailable_reason"]
 
-#: Backends that can be asked for by name, fastest first ("auto" picks the first available).
+#: Backends that can be asked for by name, fastest first (see auto_backend).
 BACKEND_NAMES = ("native", "triton", "reference")
 
-_PLANNED = {
-    "triton": "the Triton backend is not part of this version of ndadam_fused yet",
-    "native": "the compiled extension backend is not part of this version of ndadam_fused yet",
-}
+def _triton_reason(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed; `pip install triton` (it comes with CUDA builds of torch on Linux)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing ndadam_fused"
+    return f"Triton kernels run on CUDA devices, not {device.type}"
+
+
+def _native_reason(device: torch.device) -> str | None:
+    from . import native
+
+    return native.unavailable_reason(device)
+
+
+_REASONS = {"triton": _triton_reason, "native": _native_reason}
 
 
 def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
-    """None when backend ``name`` can run on ``device``, else why not and how to get it."""
+    """None when backend ``name`` can run on ``device``, else why not and how to get it.
+
+    With ``device=None``: None when the backend can run on some device of this machine.
+    """
     check_name(name, where="unavailable_reason")
     if name == "reference":
         return None
-    return _PLANNED[name]
+    if device is None:
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+        reasons = [_REASONS[name](d) for d in devices]
+        return None if None in reasons else reasons[0]
+    return _REASONS[name](torch.device(device))
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -50,7 +75,13 @@ def _module(name: str) -> ModuleType:
         from . import reference
 
         return reference
-    raise AssertionError(f"backend {name!r} has no module")  # guarded by unavailable_reason
+    if name == "triton":
+        from . import triton_backend
+
+        return triton_backend
+    from . import native
+
+    return native
 
 
 def resolve(name: str, device: torch.device | str) -> ModuleType:
@@ -59,9 +90,28 @@ def resolve(name: str, device: torch.device | str) -> ModuleType:
     ``"auto"`` takes the fastest available backend. A backend asked for by name that cannot
     run raises RuntimeError saying why and how to get it; there is no silent fallback.
     """
+    return _resolve(name, torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(name: str, device: torch.device) -> ModuleType:
     if name == "auto":
-        name = available_backends(device)[0]
+        name = auto_backend(device)
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise RuntimeError(f"NDAdam backend {name!r} is not available on {device}: {reason}")
     return _module(name)
+
+
+def auto_backend(device: torch.device | str) -> str:
+    """What ``"auto"`` means on ``device``: native when built, else triton on CUDA, else reference.
+
+    Triton on CPU is its interpreter, a testing tool, so "auto" never picks it there.
+    """
+    device = torch.device(device)
+    for name in BACKEND_NAMES:
+        if name == "triton" and device.type != "cuda":
+            continue
+        if unavailable_reason(name, device) is None:
+            return name
+    return "reference"
