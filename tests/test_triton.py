@@ -1,0 +1,193 @@
+"""The Triton backend against the reference: on CPU under TRITON_INTERPRET=1, on CUDA when present.
+
+The interpreter costs per program and per op, not per element, so the shapes here are small
+and the programs few; the matrix is DESIGN.md section 7's.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import backend_cases
+from ndadam_fused import NDAdam
+from ndadam_fused.backends import triton_backend
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ALL_SHAPES = backend_cases.SECTION_7_SHAPES + backend_cases.SCALAR_SHAPES
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_section_7_shapes_two_groups_25_steps(device, dtype):
+    backend_cases.compare_with_reference(
+        "triton", ALL_SHAPES, dtype, steps=25, device=device, vector_lrs=(0.05, 0.2), realloc_grads=True
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_with_fp32_state(device, dtype):
+    backend_cases.compare_with_reference(
+        "triton", ALL_SHAPES, dtype, steps=10, device=device, vector_lrs=(0.05, 0.2), realloc_grads=True
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path, limit", [("statistics", 0), ("exact", 16384)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_each_path_on_every_shape(monkeypatch, device, path, limit, dtype):
+    """limit 0 sends every row through the two-pass statistics path; 16384 sends the 9000-long
+    row through the exact single-pass path."""
+    monkeypatch.setattr(triton_backend, "SINGLE_PASS_MAX", limit)
+    classes = {triton_backend.tile_class(s[-1] if len(s) == 2 else int(torch.tensor(s[1:]).prod()), limit) for s in backend_cases.SECTION_7_SHAPES}
+    if path == "statistics":
+        assert classes == {triton_backend._STATISTICS_CLASS}
+    else:
+        assert triton_backend._STATISTICS_CLASS not in classes
+    backend_cases.compare_with_reference("triton", backend_cases.SECTION_7_SHAPES, dtype, steps=8, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_hundred_small_tensors_in_one_launch(device):
+    backend_cases.compare_with_reference("triton", backend_cases.MANY_SMALL_SHAPES, torch.float32, steps=3, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_params_and_grads(device):
+    weight = torch.nn.Parameter(torch.randn(6, 9, dtype=torch.float64, device=device).t())
+    reference = torch.nn.Parameter(weight.detach().clone())
+    opt = NDAdam([weight], lr=0.1, backend="triton")
+    ref_opt = NDAdam([reference], lr=0.1, backend="reference")
+    for _ in range(4):
+        grad = torch.randn(6, 9, dtype=torch.float64, device=device).t()
+        weight.grad, reference.grad = grad, grad.clone()
+        opt.step()
+        ref_opt.step()
+    assert not weight.is_contiguous()
+    torch.testing.assert_close(weight.detach(), reference.detach(), rtol=0, atol=1e-12)
+
+
+class _CountingKernel:
+    """Stands in for the Triton kernel: counts launches and records their non-tensor arguments."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_one_launch_per_group_and_dtype_however_many_tensors(monkeypatch):
+    counter = _CountingKernel(triton_backend._ndadam_rows_kernel)
+    monkeypatch.setattr(triton_backend, "_ndadam_rows_kernel", counter)
+    fp32 = [torch.nn.Parameter(torch.randn(1 + i % 4, 3 + i % 5)) for i in range(60)]
+    bf16 = [torch.nn.Parameter(torch.randn(2, 5 + i, dtype=torch.bfloat16)) for i in range(20)]
+    second_group = [torch.nn.Parameter(torch.randn(3, 40)) for _ in range(30)]
+    biases = [torch.nn.Parameter(torch.randn(4)) for _ in range(10)]
+    opt = NDAdam([{"params": fp32 + bf16 + biases}, {"params": second_group, "vector": True, "lr": 0.3}], backend="triton")
+    for p in fp32 + bf16 + second_group + biases:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    # group 0: fp32 and bf16 vectors; group 1: fp32 vectors. Scalars go to torch's Adam.
+    assert len(counter.launches) == 3
+    programs = sorted(grid[0] for grid, _ in counter.launches)
+    assert programs == sorted([60, 20, 30 * 1])  # short rows: one tile holds a whole small tensor
+
+
+def test_lr_changes_never_change_the_launch_arguments(monkeypatch):
+    """lr is read from a device tensor: a schedule cannot trigger a recompile."""
+    counter = _CountingKernel(triton_backend._ndadam_rows_kernel)
+    monkeypatch.setattr(triton_backend, "_ndadam_rows_kernel", counter)
+    weight = torch.nn.Parameter(torch.randn(8, 20))
+    opt = NDAdam([weight], lr=0.1, backend="triton")
+    schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    for _ in range(3):
+        weight.grad = torch.randn_like(weight)
+        opt.step()
+        schedule.step()
+    assert len(counter.launches) == 3
+    assert all(launch == counter.launches[0] for launch in counter.launches)
+
+
+def test_tensor_lr_matches_float_lr():
+    weights = [torch.nn.Parameter(torch.randn(5, 7, dtype=torch.float64)) for _ in range(2)]
+    weights[1].data.copy_(weights[0].data)
+    optimizers = [
+        NDAdam([weights[0]], lr=0.1, backend="triton"),
+        NDAdam([weights[1]], lr=torch.tensor(0.1, dtype=torch.float64), backend="triton"),
+    ]
+    for _ in range(3):
+        grad = torch.randn(5, 7, dtype=torch.float64)
+        for w, opt in zip(weights, optimizers):
+            w.grad = grad.clone()
+            opt.step()
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_metadata_table_is_cached_and_rebuilt_when_grads_move():
+    weights = [torch.nn.Parameter(torch.randn(4, 6)) for _ in range(3)]
+    opt = NDAdam(weights, lr=0.1, backend="triton")
+    for w in weights:
+        w.grad = torch.randn_like(w)
+    opt.step()
+    builds = triton_backend.table_builds
+    for _ in range(3):
+        for w in weights:
+            w.grad.normal_()  # in place: same addresses
+        opt.step()
+    assert triton_backend.table_builds == builds
+    kept = [w.grad for w in weights]  # keep the old grads alive so the new ones get new addresses
+    for w in weights:
+        w.grad = torch.randn_like(w)
+    opt.step()
+    assert triton_backend.table_builds == builds + 1
+    del kept
+
+
+def test_auto_is_reference_on_cpu_and_triton_on_cuda():
+    from ndadam_fused import backends
+
+    assert backends.auto_backend("cpu") == "reference" or backends.auto_backend("cpu") == "native"
+    if torch.cuda.is_available():
+        assert backends.auto_backend("cuda") in ("native", "triton")
+
+
+def test_kernel_compiles_for_sm90():
+    """Compile for Hopper without a GPU (BUILD-NOTES.md): a GPU-only compile error cannot hide.
+
+    Runs in a subprocess because this process runs Triton in its interpreter.
+    """
+    script = textwrap.dedent(
+        """
+        import triton, triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from ndadam_fused.backends import triton_backend as tb
+        (c0, r0), (c1, r1), (c2, r2) = tb.TILE_CLASSES
+        for param, state in [(tl.float32, tl.float32), (tl.bfloat16, tl.float32), (tl.float16, tl.float32), (tl.float64, tl.float64)]:
+            constexprs = dict(PARAM_DTYPE=param, STATE_DTYPE=state, COLS0=c0, ROWS0=r0, COLS1=c1, ROWS1=r1,
+                              COLS2=c2, ROWS2=r2, SINGLE_ROW_COLS=tb.SINGLE_PASS_MAX, STATISTICS_CHUNK=tb.STATISTICS_CHUNK)
+            signature = {"tensor_table": "*i64", "tile_table": "*i32", "hyper": "*fp64" if state == tl.float64 else "*fp32",
+                         **{name: "constexpr" for name in constexprs}}
+            kernel = triton.compile(ASTSource(tb._ndadam_rows_kernel, signature, constexprs),
+                                    target=GPUTarget("cuda", 90, 32), options={"num_warps": tb._NUM_WARPS})
+            assert "ld.global" in kernel.asm["ptx"] and ".local" not in kernel.asm["ptx"], "spills to local memory"
+            print(param, "ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("ok") == 4
