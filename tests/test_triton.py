@@ -175,13 +175,19 @@ def test_kernel_compiles_for_sm90():
         from ndadam_fused.backends import triton_backend as tb
         (c0, r0), (c1, r1), (c2, r2) = tb.TILE_CLASSES
         for param, state in [(tl.float32, tl.float32), (tl.bfloat16, tl.float32), (tl.float16, tl.float32), (tl.float64, tl.float64)]:
-            constexprs = dict(PARAM_DTYPE=param, STATE_DTYPE=state, COLS0=c0, ROWS0=r0, COLS1=c1, ROWS1=r1,
+            constexprs = dict(PARAM_DTYPE=param, STATE_DTYPE=state, PARAM_VEC=128 // param.primitive_bitwidth,
+                              STATE_VEC=128 // state.primitive_bitwidth, COLS0=c0, ROWS0=r0, COLS1=c1, ROWS1=r1,
                               COLS2=c2, ROWS2=r2, SINGLE_ROW_COLS=tb.SINGLE_PASS_MAX, STATISTICS_CHUNK=tb.STATISTICS_CHUNK)
-            signature = {"tensor_table": "*i64", "tile_table": "*i32", "hyper": "*fp64" if state == tl.float64 else "*fp32",
-                         **{name: "constexpr" for name in constexprs}}
-            kernel = triton.compile(ASTSource(tb._ndadam_rows_kernel, signature, constexprs),
+            pointer = {tl.float32: "*fp32", tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float64: "*fp64"}
+            signature = {"param_base": pointer[param], "state_base": pointer[state], "tensor_table": "*i64",
+                         "tile_table": "*i32", "hyper": pointer[state], **{name: "constexpr" for name in constexprs}}
+            # What the JIT tells the compiler about 16-byte aligned tensor arguments.
+            aligned_bases = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
+            kernel = triton.compile(ASTSource(tb._ndadam_rows_kernel, signature, constexprs, aligned_bases),
                                     target=GPUTarget("cuda", 90, 32), options={"num_warps": tb._NUM_WARPS})
-            assert "ld.global" in kernel.asm["ptx"] and ".local" not in kernel.asm["ptx"], "spills to local memory"
+            ptx = kernel.asm["ptx"]
+            assert ".local" not in ptx, "spills to local memory"
+            assert "ld.global.v4" in ptx or "ld.global.v2.b64" in ptx, "aligned rows are not loaded 128 bits wide"
             print(param, "ok")
         """
     )

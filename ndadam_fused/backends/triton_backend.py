@@ -2,8 +2,9 @@
 
 The kernel :func:`_ndadam_rows_kernel` reads two cached tables (see :class:`RowTable`):
 
-- ``tensor_table``: int64 ``[n_tensors, 8]``: addresses of param, grad, exp_avg, exp_avg_sq
-  and step, then rows, row length and the tile class of the tensor;
+- ``tensor_table``: int64 ``[n_tensors, 9]``: where param, grad and exp_avg start (element
+  offsets from two base pointers passed as arguments), the addresses of exp_avg_sq and step, then rows, row length, the tile class of the tensor and whether its rows are
+  16-byte aligned (then loads and stores are 128 bits wide);
 - ``tile_table``: int32 ``[n_programs, 2]``: the tensor and first row each program updates,
   which is the prefix sum of the tensors' tile counts laid out flat, so that a program finds
   its ``(tensor, row)`` with two loads instead of a search.
@@ -54,7 +55,10 @@ SINGLE_PASS_MAX = 4096
 STATISTICS_CHUNK = 2048
 _SINGLE_ROW_CLASS = len(TILE_CLASSES)
 _STATISTICS_CLASS = len(TILE_CLASSES) + 1
-_TABLE_FIELDS = 8  # param, grad, exp_avg, exp_avg_sq, step, rows, row_len, tile_class
+_TABLE_FIELDS = 9  # param, grad, exp_avg, exp_avg_sq, step, rows, row_len, tile_class, aligned
+#: Rows whose length is a multiple of this start every operand on 16 bytes (8 bf16/fp16,
+#: 4 fp32, 2 fp64 elements), given 16-byte aligned base addresses.
+_ALIGN_ROW_ELEMENTS = tl.constexpr(8)
 _NUM_WARPS = 8
 
 
@@ -154,8 +158,8 @@ def _statistics_row(
 
 @triton.jit
 def _ndadam_rows_kernel(
-    tensor_table, tile_table, hyper,
-    PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+    param_base, state_base, tensor_table, tile_table, hyper,
+    PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, PARAM_VEC: tl.constexpr, STATE_VEC: tl.constexpr,
     COLS0: tl.constexpr, ROWS0: tl.constexpr,
     COLS1: tl.constexpr, ROWS1: tl.constexpr,
     COLS2: tl.constexpr, ROWS2: tl.constexpr,
@@ -163,21 +167,23 @@ def _ndadam_rows_kernel(
 ):
     """One program updates one tile: ROWS rows of one tensor (see the module docstring).
 
-    tensor_table: int64 [n_tensors, 8]; tile_table: int32 [n_programs, 2];
-    hyper: STATE_DTYPE [4] = (lr, β1, β2, ε).
+    param_base: *PARAM_DTYPE, state_base: *STATE_DTYPE (the addresses table offsets count from);
+    tensor_table: int64 [n_tensors, 9]; tile_table: int32 [n_programs, 2];
+    hyper: STATE_DTYPE [4] = (lr, β1, β2, ε). PARAM_VEC, STATE_VEC: elements per 16 bytes.
     """
     tile = tl.program_id(0)
     tensor = tl.load(tile_table + 2 * tile).to(tl.int64)
     first_row = tl.load(tile_table + 2 * tile + 1)
-    entry = tensor_table + tensor * 8
-    param = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
-    grad = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
-    exp_avg = tl.load(entry + 2).to(tl.pointer_type(STATE_DTYPE))
+    entry = tensor_table + tensor * 9
+    param_offset = tl.load(entry + 0)
+    grad_offset = tl.load(entry + 1)
+    exp_avg_offset = tl.load(entry + 2)
     exp_avg_sq = tl.load(entry + 3).to(tl.pointer_type(STATE_DTYPE))
     step = tl.load(tl.load(entry + 4).to(tl.pointer_type(tl.float32))).to(STATE_DTYPE)
     rows = tl.load(entry + 5)
     row_len = tl.load(entry + 6)
     tile_class = tl.load(entry + 7)
+    aligned = tl.load(entry + 8)
 
     lr = tl.load(hyper + 0)
     beta1 = tl.load(hyper + 1)
@@ -187,6 +193,32 @@ def _ndadam_rows_kernel(
     bias_correction1 = 1 - tl.exp2(step * tl.log2(beta1))
     bias_correction2 = 1 - tl.exp2(step * tl.log2(beta2))
 
+    if aligned != 0:
+        # The host checked that these offsets and row lengths are multiples of 16 bytes. Written
+        # as (x // k) * k, the compiler can prove it too (it cannot see through the table), and
+        # emits 128-bit loads and stores.
+        _dispatch(param_base + (param_offset // PARAM_VEC) * PARAM_VEC,
+                  param_base + (grad_offset // PARAM_VEC) * PARAM_VEC,
+                  state_base + (exp_avg_offset // STATE_VEC) * STATE_VEC,
+                  exp_avg_sq, first_row, rows, (row_len // _ALIGN_ROW_ELEMENTS) * _ALIGN_ROW_ELEMENTS,
+                  tile_class, lr, beta1, beta2, eps, bias_correction1, bias_correction2,
+                  COLS0, ROWS0, COLS1, ROWS1, COLS2, ROWS2, SINGLE_ROW_COLS, STATISTICS_CHUNK, PARAM_DTYPE, STATE_DTYPE)
+    else:
+        _dispatch(param_base + param_offset, param_base + grad_offset, state_base + exp_avg_offset,
+                  exp_avg_sq, first_row, rows, row_len,
+                  tile_class, lr, beta1, beta2, eps, bias_correction1, bias_correction2,
+                  COLS0, ROWS0, COLS1, ROWS1, COLS2, ROWS2, SINGLE_ROW_COLS, STATISTICS_CHUNK, PARAM_DTYPE, STATE_DTYPE)
+
+
+@triton.jit
+def _dispatch(
+    param, grad, exp_avg, exp_avg_sq, first_row, rows, row_len, tile_class, lr, beta1, beta2, eps,
+    bias_correction1, bias_correction2,
+    COLS0: tl.constexpr, ROWS0: tl.constexpr, COLS1: tl.constexpr, ROWS1: tl.constexpr,
+    COLS2: tl.constexpr, ROWS2: tl.constexpr, SINGLE_ROW_COLS: tl.constexpr, STATISTICS_CHUNK: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+):
+    """The tile's path: one exact tile shape per class, or the statistics path."""
     if tile_class == 0:
         _exact_tile(param, grad, exp_avg, exp_avg_sq, first_row, rows, row_len, lr, beta1, beta2, eps,
                     bias_correction1, bias_correction2, ROWS0, COLS0, PARAM_DTYPE, STATE_DTYPE)
@@ -225,9 +257,10 @@ def _rows_per_program(tile_class_index: int) -> int:
 class RowTable:
     """The launch's metadata, on the tensors' device, and the group's hyperparameter tensor."""
 
-    tensor_table: Tensor  # int64 [n_tensors, 8]
+    tensor_table: Tensor  # int64 [n_tensors, 9]
     tile_table: Tensor  # int32 [n_programs, 2]
     n_programs: int
+    base_index: int  # the tensor whose param and exp_avg addresses the offsets count from
     single_row_cols: int
     hyper: Tensor  # STATE_DTYPE [4]: lr, β1, β2, ε
     hyper_values: list  # what `hyper` holds, as Python numbers (None: unknown)
@@ -256,12 +289,25 @@ def row_table(params, grads, exp_avgs, exp_avg_sqs, state_steps, single_pass_max
 
     table_builds += 1
     device = params[0].device
+    param_size, state_size = params[0].element_size(), exp_avgs[0].element_size()
+    aligned = [
+        p.numel() // p.shape[0] % _ALIGN_ROW_ELEMENTS.value == 0 and all(t.data_ptr() % 16 == 0 for t in (p, g, m))
+        for p, g, m in zip(params, grads, exp_avgs)
+    ]
+    # Addresses are stored as element offsets from one param and one exp_avg, passed to the
+    # kernel as pointer arguments: Triton knows those are 16-byte aligned, which an address
+    # read from a table cannot tell it. An aligned tensor is the base, when there is one.
+    base = aligned.index(True) if True in aligned else 0
+    param_base, state_base = params[base].data_ptr(), exp_avgs[base].data_ptr()
     entries, tiles = [], []
     for index, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
         rows = p.shape[0]
         row_len = p.numel() // rows
         cls = tile_class(row_len, single_pass_max)
-        entries.append([p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr(), rows, row_len, cls])
+        offsets = [(p.data_ptr() - param_base, param_size), (g.data_ptr() - param_base, param_size), (m.data_ptr() - state_base, state_size)]
+        if any(delta % size for delta, size in offsets):
+            raise RuntimeError(f"NDAdam triton backend: a tensor of shape {list(p.shape)} is not aligned to its element size")
+        entries.append([delta // size for delta, size in offsets] + [v.data_ptr(), s.data_ptr(), rows, row_len, cls, int(aligned[index])])
         tiles.extend((index, first) for first in range(0, rows, _rows_per_program(cls)))
     tensor_table = torch.tensor(entries, dtype=torch.int64).to(device)
     tile_table = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 2).to(device)
@@ -270,6 +316,7 @@ def row_table(params, grads, exp_avgs, exp_avg_sqs, state_steps, single_pass_max
         tensor_table=tensor_table,
         tile_table=tile_table,
         n_programs=len(tiles),
+        base_index=base,
         single_row_cols=max(triton.next_power_of_2(max(single_pass_max, 1)), TILE_CLASSES[-1][0]),
         hyper=torch.zeros(4, dtype=state_dtype, device=device),
         hyper_values=[None] * 4,
@@ -291,11 +338,12 @@ def _set_hyper(table: RowTable, lr: float | Tensor, beta1: float, beta2: float, 
             table.hyper_values[index] = value
 
 
-def _launch(table: RowTable, param_dtype: torch.dtype, state_dtype: torch.dtype) -> None:
+def _launch(table: RowTable, param_base: Tensor, state_base: Tensor) -> None:
     (cols0, rows0), (cols1, rows1), (cols2, rows2) = TILE_CLASSES
     _ndadam_rows_kernel[(table.n_programs,)](
-        table.tensor_table, table.tile_table, table.hyper,
-        PARAM_DTYPE=_TL_DTYPES[param_dtype], STATE_DTYPE=_TL_DTYPES[state_dtype],
+        param_base, state_base, table.tensor_table, table.tile_table, table.hyper,
+        PARAM_DTYPE=_TL_DTYPES[param_base.dtype], STATE_DTYPE=_TL_DTYPES[state_base.dtype],
+        PARAM_VEC=16 // param_base.element_size(), STATE_VEC=16 // state_base.element_size(),
         COLS0=cols0, ROWS0=rows0, COLS1=cols1, ROWS1=rows1, COLS2=cols2, ROWS2=rows2,
         SINGLE_ROW_COLS=table.single_row_cols, STATISTICS_CHUNK=STATISTICS_CHUNK,
         num_warps=_NUM_WARPS,
@@ -342,7 +390,7 @@ def vector_step(
         _set_hyper(table, lr, beta1, beta2, eps)
         if table.n_programs:
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                _launch(table, dtype, group_exp_avgs[0].dtype)
+                _launch(table, work[table.base_index], group_exp_avgs[table.base_index])
         for original, updated in zip(group_params, work):
             if updated is not original:
                 original.copy_(updated)
