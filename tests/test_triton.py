@@ -17,7 +17,10 @@ import backend_cases
 from ndadam_fused import NDAdam
 from ndadam_fused.backends import triton_backend
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The interpreter runs CPU tensors (CI); compiled Triton runs CUDA tensors (the GPU check,
+# with TRITON_INTERPRET=0). The two do not mix in one process.
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = ["cpu"] if INTERPRETER else (["cuda"] if torch.cuda.is_available() else [])
 ALL_SHAPES = backend_cases.SECTION_7_SHAPES + backend_cases.SCALAR_SHAPES
 
 
@@ -87,13 +90,14 @@ class _CountingKernel:
         return launch
 
 
-def test_one_launch_per_group_and_dtype_however_many_tensors(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_launch_per_group_and_dtype_however_many_tensors(monkeypatch, device):
     counter = _CountingKernel(triton_backend._ndadam_rows_kernel)
     monkeypatch.setattr(triton_backend, "_ndadam_rows_kernel", counter)
-    fp32 = [torch.nn.Parameter(torch.randn(1 + i % 4, 3 + i % 5)) for i in range(60)]
-    bf16 = [torch.nn.Parameter(torch.randn(2, 5 + i, dtype=torch.bfloat16)) for i in range(20)]
-    second_group = [torch.nn.Parameter(torch.randn(3, 40)) for _ in range(30)]
-    biases = [torch.nn.Parameter(torch.randn(4)) for _ in range(10)]
+    fp32 = [torch.nn.Parameter(torch.randn(1 + i % 4, 3 + i % 5, device=device)) for i in range(60)]
+    bf16 = [torch.nn.Parameter(torch.randn(2, 5 + i, dtype=torch.bfloat16, device=device)) for i in range(20)]
+    second_group = [torch.nn.Parameter(torch.randn(3, 40, device=device)) for _ in range(30)]
+    biases = [torch.nn.Parameter(torch.randn(4, device=device)) for _ in range(10)]
     opt = NDAdam([{"params": fp32 + bf16 + biases}, {"params": second_group, "vector": True, "lr": 0.3}], backend="triton")
     for p in fp32 + bf16 + second_group + biases:
         p.grad = torch.randn_like(p)
@@ -104,11 +108,12 @@ def test_one_launch_per_group_and_dtype_however_many_tensors(monkeypatch):
     assert programs == sorted([60, 20, 30 * 1])  # short rows: one tile holds a whole small tensor
 
 
-def test_lr_changes_never_change_the_launch_arguments(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_lr_changes_never_change_the_launch_arguments(monkeypatch, device):
     """lr is read from a device tensor: a schedule cannot trigger a recompile."""
     counter = _CountingKernel(triton_backend._ndadam_rows_kernel)
     monkeypatch.setattr(triton_backend, "_ndadam_rows_kernel", counter)
-    weight = torch.nn.Parameter(torch.randn(8, 20))
+    weight = torch.nn.Parameter(torch.randn(8, 20, device=device))
     opt = NDAdam([weight], lr=0.1, backend="triton")
     schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
     for _ in range(3):
@@ -119,23 +124,25 @@ def test_lr_changes_never_change_the_launch_arguments(monkeypatch):
     assert all(launch == counter.launches[0] for launch in counter.launches)
 
 
-def test_tensor_lr_matches_float_lr():
-    weights = [torch.nn.Parameter(torch.randn(5, 7, dtype=torch.float64)) for _ in range(2)]
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensor_lr_matches_float_lr(device):
+    weights = [torch.nn.Parameter(torch.randn(5, 7, dtype=torch.float64, device=device)) for _ in range(2)]
     weights[1].data.copy_(weights[0].data)
     optimizers = [
         NDAdam([weights[0]], lr=0.1, backend="triton"),
-        NDAdam([weights[1]], lr=torch.tensor(0.1, dtype=torch.float64), backend="triton"),
+        NDAdam([weights[1]], lr=torch.tensor(0.1, dtype=torch.float64, device=device), backend="triton"),
     ]
     for _ in range(3):
-        grad = torch.randn(5, 7, dtype=torch.float64)
+        grad = torch.randn(5, 7, dtype=torch.float64, device=device)
         for w, opt in zip(weights, optimizers):
             w.grad = grad.clone()
             opt.step()
     assert torch.equal(weights[0], weights[1])
 
 
-def test_metadata_table_is_cached_and_rebuilt_when_grads_move():
-    weights = [torch.nn.Parameter(torch.randn(4, 6)) for _ in range(3)]
+@pytest.mark.parametrize("device", DEVICES)
+def test_metadata_table_is_cached_and_rebuilt_when_grads_move(device):
+    weights = [torch.nn.Parameter(torch.randn(4, 6, device=device)) for _ in range(3)]
     opt = NDAdam(weights, lr=0.1, backend="triton")
     for w in weights:
         w.grad = torch.randn_like(w)

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The prepared GPU check: install in place, test on CUDA, benchmark, check the targets.
+# For a machine with one NVIDIA GPU, its own Python with a CUDA build of torch, Triton and
+# nvcc, and no package registry: nothing is fetched (pip --no-build-isolation --no-deps).
+# Runs in under 8 minutes on an H200. Writes into $OUT (default benchmarks/results/):
+#   gpu_env.txt, gpu_check.log, step_cuda.csv, step_cuda.png, targets_cuda.txt
+#
+#   bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+LOG="$OUT/gpu_check.log"
+: >"$LOG"
+failed=()
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log, remember failures
+  local name=$1 limit=$2
+  shift 2
+  local begin=$SECONDS
+  echo "=== $name (limit ${limit}s)" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - begin))s" | tee -a "$LOG"
+  [ "$rc" -eq 0 ] || failed+=("$name")
+}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print(torch.cuda.get_device_name())"
+  nvcc --version | tail -n 2
+  nproc
+} >"$OUT/gpu_env.txt" 2>&1
+cat "$OUT/gpu_env.txt" | tee -a "$LOG"
+
+# The extension (csrc/) is built for this GPU only, with every core.
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}"
+stage install 300 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+
+# Triton compiles for the GPU here: no interpreter. Only the CUDA cases (CI runs the CPU ones).
+export TRITON_INTERPRET=0
+stage tests-cuda 180 "$PY" -m pytest -q -p no:cacheprovider tests -k "cuda"
+
+stage benchmark 300 "$PY" -m benchmarks.step --device cuda --out "$OUT" \
+  --sets gpt2-medium,transformer-1.3b,wrn-28-10,many-small
+stage targets 30 sh -c "\"$PY\" -m benchmarks.check_targets \"$OUT/step_cuda.csv\" | tee \"$OUT/targets_cuda.txt\""
+
+if [ ${#failed[@]} -eq 0 ]; then
+  echo "gpu check: every stage passed" | tee -a "$LOG"
+else
+  echo "gpu check: failed stages: ${failed[*]}" | tee -a "$LOG"
+  exit 1
+fi

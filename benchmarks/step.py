@@ -1,0 +1,379 @@
+"""Time one optimizer step: every available ND-Adam backend against the unfused baselines.
+
+    python -m benchmarks.step [--device cpu|cuda] [--dtype float32] [--sets a,b] [--repeats N]
+                              [--quick] [--out benchmarks/results] [--tag NAME]
+
+For every parameter set (benchmarks/param_sets.py) and every candidate it reports the median
+step time and its spread over repeats (warm-up excluded; CUDA timed with events, the L2 cache
+flushed before each step), achieved GB/s under DESIGN.md section 5's bytes model, the fraction
+of a plain copy's bandwidth measured in the same run, the speedup over each baseline measured in
+the same run, the optimizer-state bytes against Adam's, and on CUDA the kernel launches per step
+(from the profiler). Results go to ``<out>/step_<device>[_<tag>].csv`` with the machine
+description on every row, and a plot ``<out>/step_<device>[_<tag>].png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks import param_sets
+from benchmarks.baselines import UnfusedNDAdam, copy_bytes
+from ndadam_fused import NDAdam
+from ndadam_fused import backends as nd_backends
+
+BASELINES = ("ndadam-reference", "unfused", "adam-foreach", "adam-fused")
+CANDIDATES = ("ndadam-native", "ndadam-triton") + BASELINES + ("copy",)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Candidate:
+    name: str
+    step: Callable[[], None]
+    bytes_per_step: int
+    state_bytes: int
+    cleanup: list = field(default_factory=list)
+
+
+def _bytes_ndadam(params: list[torch.Tensor]) -> int:
+    """DESIGN.md section 5: vectors read w, ḡ, m and write w, m (20 B per fp32 element) plus
+    v per row; scalars are Adam's (read p, g, m, v; write p, m, v)."""
+    total = 0
+    for p in params:
+        size = p.element_size()
+        state = 8 if p.dtype == torch.float64 else 4
+        if p.dim() >= 2:
+            total += p.numel() * (3 * size + 2 * state) + p.shape[0] * 2 * state
+        else:
+            total += p.numel() * 7 * size
+    return total
+
+
+def _bytes_adam(params: list[torch.Tensor]) -> int:
+    return sum(p.numel() * 7 * p.element_size() for p in params)
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for key, t in state.items()
+        if key != "step" and isinstance(t, torch.Tensor)
+    )
+
+
+def _adam_state_bytes(params: list[torch.Tensor]) -> int:
+    return sum(2 * p.numel() * p.element_size() for p in params)
+
+
+def make_candidate(name: str, params: list[torch.nn.Parameter], device: torch.device) -> Candidate | str:
+    """The candidate ready to step, or why it cannot run here."""
+    if name.startswith("ndadam-"):
+        backend = name.removeprefix("ndadam-")
+        if backend == "triton" and device.type != "cuda":
+            return "the Triton backend runs CPU tensors only in its interpreter, which is not a speed path"
+        reason = nd_backends.unavailable_reason(backend, device)
+        if reason is not None:
+            return reason
+        opt = NDAdam(params, lr=1e-3, vector_lr=0.05, betas=(0.9, 0.99), backend=backend)
+        opt.step()  # lazy state
+        return Candidate(name, opt.step, _bytes_ndadam(params), _state_bytes(opt), [opt])
+    if name == "unfused":
+        opt = UnfusedNDAdam(params, lr=1e-3, vector_lr=0.05)
+        opt.step()
+        return Candidate(name, opt.step, _bytes_ndadam(params), opt.state_bytes(), [opt])
+    if name in ("adam-foreach", "adam-fused"):
+        fused = name == "adam-fused"
+        opt = torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.99), foreach=not fused, fused=fused)
+        opt.step()
+        return Candidate(name, opt.step, _bytes_adam(params), _state_bytes(opt), [opt])
+    if name == "copy":
+        moved = _bytes_ndadam(params)
+        source = torch.empty(moved // 2, dtype=torch.uint8, device=device).random_(0, 255)
+        destination = torch.empty_like(source)
+        return Candidate(name, lambda: copy_bytes(source, destination), 2 * source.numel(), 0, [source, destination])
+    raise ValueError(f"unknown candidate {name!r}; choose from {', '.join(CANDIDATES)}")
+
+
+MIN_REPEATS = 3
+
+
+def time_steps(step: Callable[[], None], device: torch.device, repeats: int, warmup: int, budget_s: float = math.inf) -> list[float]:
+    """Seconds per step, one per repeat, after ``warmup`` untimed steps.
+
+    On CPU, a candidate stops repeating once it has spent ``budget_s`` (after MIN_REPEATS
+    steps), so that a slow baseline on a large set cannot hold the run for minutes.
+    """
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        # Larger than any L2 cache: each step starts with its tensors in HBM, as in training.
+        flush = torch.empty(512 * 2**20, dtype=torch.uint8, device=device)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        for start, end in zip(starts, ends):
+            flush.zero_()
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)]
+    times: list[float] = []
+    while len(times) < repeats and (len(times) < MIN_REPEATS or sum(times) < budget_s):
+        begin = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - begin)
+    return times
+
+
+def count_launches(step: Callable[[], None], device: torch.device) -> int | None:
+    """Kernels and memory operations one step puts on the GPU (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize(device)
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def _versions() -> tuple[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    return torch.__version__, triton_version
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    torch_version, triton_version = _versions()
+    machine = machine_description(device)
+    date = datetime.date.today().isoformat()
+    sets = args.sets
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the progress bar is a convenience, not a dependency
+        def tqdm(iterable, **_):
+            return iterable
+
+    rows: list[dict] = []
+    work = [(s, c) for s in sets for c in args.candidates]
+    progress = tqdm(work, desc="step benchmark", unit="case", file=sys.stderr)
+    params: list[torch.nn.Parameter] | None = None
+    current_set = None
+    for set_name, candidate_name in progress:
+        if hasattr(progress, "set_postfix_str"):
+            progress.set_postfix_str(f"{set_name} / {candidate_name}")
+        if set_name != current_set:
+            params = None
+            gc.collect()
+            params = param_sets.build(set_name, device, dtype)
+            current_set = set_name
+        candidate = make_candidate(candidate_name, params, device)
+        if isinstance(candidate, str):
+            print(f"  skip {candidate_name} on {set_name}: {candidate}", file=sys.stderr)
+            continue
+        times = time_steps(candidate.step, device, args.repeats, args.warmup, args.budget_s)
+        launches = count_launches(candidate.step, device)
+        quantiles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
+        median = statistics.median(times)
+        rows.append(
+            {
+                "set": set_name, "device": device.type, "dtype": args.dtype, "candidate": candidate_name,
+                "tensors": len(params), "elements": sum(p.numel() for p in params),
+                "median_ms": median * 1e3, "p10_ms": quantiles[0] * 1e3, "p90_ms": quantiles[-1] * 1e3,
+                "repeats": len(times), "bytes_per_step": candidate.bytes_per_step,
+                "gb_per_s": candidate.bytes_per_step / median / 1e9,
+                "state_bytes": candidate.state_bytes,
+                "state_vs_adam": candidate.state_bytes / _adam_state_bytes(params) if candidate.state_bytes else "",
+                "launches_per_step": "" if launches is None else launches,
+                "machine": machine, "torch": torch_version, "triton": triton_version, "date": date,
+            }
+        )
+        del candidate
+        gc.collect()
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """Copy fraction and speedups, each against the baseline measured on the same set."""
+    by_set: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_set.setdefault(row["set"], {})[row["candidate"]] = row
+    for row in rows:
+        same_set = by_set[row["set"]]
+        copy = same_set.get("copy")
+        row["copy_fraction"] = row["gb_per_s"] / copy["gb_per_s"] if copy else ""
+        for baseline in BASELINES:
+            other = same_set.get(baseline)
+            row[f"speedup_vs_{baseline}"] = other["median_ms"] / row["median_ms"] if other else ""
+
+
+COLUMNS = [
+    "set", "device", "dtype", "candidate", "tensors", "elements", "median_ms", "p10_ms", "p90_ms", "repeats",
+    "bytes_per_step", "gb_per_s", "copy_fraction", *(f"speedup_vs_{b}" for b in BASELINES),
+    "state_bytes", "state_vs_adam", "launches_per_step", "machine", "torch", "triton", "date",
+]
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _format(row.get(k, "")) for k in COLUMNS})
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'set':<17}{'candidate':<18}{'median ms':>11}{'p10-p90 ms':>19}{'GB/s':>9}{'of copy':>9}" \
+             f"{'x ref':>8}{'x unfused':>10}{'x Adam fe':>10}{'x Adam fu':>10}{'state/Adam':>11}{'launches':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        def ratio(key):
+            value = r.get(key, "")
+            return f"{value:.2f}" if isinstance(value, float) else "-"
+
+        spread = f"{r['p10_ms']:.3g}-{r['p90_ms']:.3g}"
+        print(
+            f"{r['set']:<17}{r['candidate']:<18}{r['median_ms']:>11.3f}{spread:>19}{r['gb_per_s']:>9.1f}"
+            f"{ratio('copy_fraction'):>9}{ratio('speedup_vs_ndadam-reference'):>8}{ratio('speedup_vs_unfused'):>10}"
+            f"{ratio('speedup_vs_adam-foreach'):>10}{ratio('speedup_vs_adam-fused'):>10}"
+            f"{ratio('state_vs_adam'):>11}{str(r['launches_per_step']) or '-':>9}"
+        )
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Step time per candidate and set (log scale), the copy of the same bytes drawn as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    names = [c for c in CANDIDATES if c != "copy" and any(r["candidate"] == c for r in rows)]
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(sets)), 4.5))
+    for i, name in enumerate(names):
+        xs, ys = [], []
+        for j, set_name in enumerate(sets):
+            match = [r for r in rows if r["set"] == set_name and r["candidate"] == name]
+            if match:
+                xs.append(j - 0.4 + (i + 0.5) * width)
+                ys.append(match[0]["median_ms"])
+        ax.bar(xs, ys, width=width, label=name)
+    for j, set_name in enumerate(sets):
+        copy = [r for r in rows if r["set"] == set_name and r["candidate"] == "copy"]
+        if copy:
+            ax.hlines(copy[0]["median_ms"], j - 0.45, j + 0.45, colors="black", linestyles="dashed",
+                      label="copy of the same bytes" if j == 0 else None)
+    ax.set_xticks(range(len(sets)), sets)
+    ax.set_yscale("log")
+    ax.set_ylabel("median step time (ms, log scale)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    parser.add_argument("--sets", default=None, help="comma-separated: " + ", ".join(param_sets.SETS))
+    parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated subset of " + ", ".join(CANDIDATES))
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--budget-s", type=float, default=20.0, help="CPU: stop repeating a case after this many seconds (at least 3 repeats)")
+    parser.add_argument("--quick", action="store_true", help="small sets, few repeats: under a minute on a CPU")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", RESULTS)))
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    on_gpu = args.device.startswith("cuda")
+    if args.sets is None:
+        if args.quick:
+            args.sets = "many-small,wrn-16-4"
+        elif on_gpu:
+            args.sets = ",".join(param_sets.SETS)
+        else:
+            args.sets = ",".join(s for s in param_sets.SETS if s not in param_sets.GPU_ONLY | {"wrn-16-4"})
+    args.sets = [s for s in args.sets.split(",") if s]
+    for name in args.sets:
+        param_sets.shapes(name)  # unknown names fail here, before anything runs
+    args.candidates = [c for c in args.candidates.split(",") if c]
+    unknown = set(args.candidates) - set(CANDIDATES)
+    if unknown:
+        parser.error(f"unknown candidates {sorted(unknown)}; choose from {', '.join(CANDIDATES)}")
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else (20 if on_gpu else 7)
+    if args.warmup is None:
+        # Every candidate has taken one step to create its state: on CPU that is the warm-up.
+        args.warmup = 3 if on_gpu else 0
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = run(args)
+    if not rows:
+        print("nothing ran", file=sys.stderr)
+        return 1
+    suffix = f"_{args.tag}" if args.tag else ("_quick" if args.quick else "")
+    stem = f"step_{torch.device(args.device).type}{suffix}"
+    write_csv(rows, args.out / f"{stem}.csv")
+    print_table(rows)
+    print(f"\n{rows[0]['machine']}; torch {rows[0]['torch']}, triton {rows[0]['triton']}; {rows[0]['date']}")
+    print(f"wrote {args.out / (stem + '.csv')}")
+    if not args.no_plot:
+        title = f"{rows[0]['machine']}, {args.dtype}, torch {rows[0]['torch']} ({rows[0]['date']})"
+        plot(rows, args.out / f"{stem}.png", title)
+        print(f"wrote {args.out / (stem + '.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""The benchmark command runs (quick mode, CPU) and writes what it promises; times are not judged."""
+
+import csv
+
+import pytest
+
+from benchmarks import param_sets, step
+
+
+def test_quick_mode_writes_csv_and_plot(tmp_path, capsys):
+    assert step.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--repeats", "2"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "step_cpu_quick.csv")))
+    assert (tmp_path / "step_cpu_quick.png").stat().st_size > 1000
+    assert {r["set"] for r in rows} == {"many-small", "wrn-16-4"}
+    for set_name in ("many-small", "wrn-16-4"):
+        candidates = {r["candidate"] for r in rows if r["set"] == set_name}
+        assert {"ndadam-reference", "unfused", "adam-foreach", "adam-fused", "copy"} <= candidates
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and float(r["gb_per_s"]) > 0
+        assert r["machine"] and r["torch"] and r["date"]
+        if r["candidate"] != "copy":
+            assert float(r["speedup_vs_adam-fused"]) > 0
+        if r["candidate"].startswith("ndadam") or r["candidate"] == "unfused":
+            # ND-Adam keeps one moment per element and one per row: about half of Adam's state.
+            assert 0.45 < float(r["state_vs_adam"]) < 0.6
+    assert "speedup" not in capsys.readouterr().err.lower()
+
+
+def test_parameter_sets_have_the_architectures_sizes():
+    def vector_elements(name):
+        return sum(int(__import__("math").prod(s)) for s in param_sets.shapes(name) if len(s) >= 2)
+
+    assert vector_elements("wrn-28-10") == pytest.approx(36.5e6, rel=0.01)  # WRN-28-10: 36.5M parameters
+    assert vector_elements("gpt2-small") == pytest.approx(124.3e6, rel=0.01)  # GPT-2 small with embeddings
+    assert vector_elements("gpt2-medium") == pytest.approx(354.5e6, rel=0.01)
+    assert vector_elements("transformer-1.3b") == pytest.approx(1.31e9, rel=0.01)
+    assert len(param_sets.shapes("many-small")) == 2000
+
+
+def test_unknown_set_or_candidate_is_refused():
+    with pytest.raises(ValueError, match="unknown parameter set"):
+        step.parse_args(["--sets", "resnet-9000"])
+    with pytest.raises(SystemExit):
+        step.parse_args(["--candidates", "sgd"])
