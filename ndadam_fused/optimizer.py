@@ -291,48 +291,34 @@ class NDAdam(Optimizer):
                 for param in group["params"]:
                     _normalize_rows_(param)
 
-    def _collect_gradients(self) -> list[list[tuple[Tensor, Tensor]]]:
-        """Every (param, grad) pair of every group, checked before anything is modified."""
-        collected = []
-        for group_index, group in enumerate(self.param_groups):
-            pairs = []
-            names = group.get("param_names")
-            for param_index, param in enumerate(group["params"]):
-                grad = param.grad
-                if grad is None or param.numel() == 0:
-                    continue
-                problem = None
-                if grad.is_sparse or grad.layout != torch.strided:
-                    problem = "a sparse gradient; NDAdam supports dense gradients only"
-                elif grad.is_complex():
-                    problem = f"a complex gradient ({grad.dtype}); ND-Adam is defined for real tensors"
-                elif grad.shape != param.shape:
-                    problem = f"a gradient of shape {list(grad.shape)} that does not match the parameter"
-                if problem is not None:
-                    name = names[param_index] if names else None
-                    raise RuntimeError(f"NDAdam: {_describe(param, name, group_index, param_index)} has {problem}")
-                pairs.append((param, grad))
-            collected.append(pairs)
-        return collected
-
     def _init_group(
         self,
+        group_index: int,
         group: dict[str, Any],
-        pairs: list[tuple[Tensor, Tensor]],
         params: list[Tensor],
         grads: list[Tensor],
         exp_avgs: list[Tensor],
         exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
+        created: list[Tensor],
     ) -> None:
+        """Collect the group's tensors that have a gradient, checking the gradient and creating
+        missing state (the params whose state is new go to ``created``, so that step() can
+        take it back when a later group raises)."""
         vector = group["vector"]
-        for param, grad in pairs:
+        for param_index, param in enumerate(group["params"]):
+            grad = param.grad
+            if grad is None or param.numel() == 0:
+                continue
+            if grad.layout is not torch.strided or grad.is_complex() or grad.shape != param.shape:
+                self._raise_for_gradient(group_index, group, param_index)
             state = self.state[param]
             if len(state) == 0:
-                dtype = _state_dtype(param, vector)
+                created.append(param)
                 # On the param's device, as fused Adam keeps it: the fused kernels read it there.
                 state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
                 if vector:
+                    dtype = _state_dtype(param, vector)
                     state["exp_avg"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
                     state["exp_avg_sq"] = torch.zeros(param.shape[0], dtype=dtype, device=param.device)
                 else:
@@ -343,6 +329,20 @@ class NDAdam(Optimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
+
+    @staticmethod
+    def _raise_for_gradient(group_index: int, group: dict[str, Any], param_index: int) -> None:
+        param = group["params"][param_index]
+        grad = param.grad
+        if grad.layout is not torch.strided:
+            problem = "a sparse gradient; NDAdam supports dense gradients only"
+        elif grad.is_complex():
+            problem = f"a complex gradient ({grad.dtype}); ND-Adam is defined for real tensors"
+        else:
+            problem = f"a gradient of shape {list(grad.shape)} that does not match the parameter"
+        names = group.get("param_names")
+        name = names[param_index] if names else None
+        raise RuntimeError(f"NDAdam: {_describe(param, name, group_index, param_index)} has {problem}")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -356,14 +356,19 @@ class NDAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        collected = self._collect_gradients()
-        for group, pairs in zip(self.param_groups, collected):
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            self._init_group(group, pairs, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+        # Every group is checked before any is updated: a bad gradient raises with nothing modified.
+        collected = []
+        created: list[Tensor] = []
+        try:
+            for group_index, group in enumerate(self.param_groups):
+                lists: tuple[list[Tensor], ...] = ([], [], [], [], [])
+                self._init_group(group_index, group, *lists, created)
+                collected.append(lists)
+        except Exception:
+            for param in created:
+                del self.state[param]
+            raise
+        for group, (params, grads, exp_avgs, exp_avg_sqs, state_steps) in zip(self.param_groups, collected):
             beta1, beta2 = group["betas"]
             ndadam(
                 params, grads, exp_avgs, exp_avg_sqs, state_steps,

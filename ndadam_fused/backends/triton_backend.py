@@ -277,10 +277,11 @@ table_builds = 0  # how many tables were built (tests read it to prove the cache
 def row_table(params, grads, exp_avgs, exp_avg_sqs, state_steps, single_pass_max: int = SINGLE_PASS_MAX) -> RowTable:
     """The cached :class:`RowTable` for these tensors; built only when an address or shape changed."""
     global table_builds
-    key = (params[0].device, params[0].dtype, single_pass_max) + tuple(
-        value
-        for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)
-        for value in (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr(), p.shape[0], p.numel())
+    data_ptr, numel = Tensor.data_ptr, Tensor.numel
+    key = (
+        params[0].device, params[0].dtype, single_pass_max,
+        tuple(map(data_ptr, params)), tuple(map(data_ptr, grads)), tuple(map(data_ptr, exp_avgs)),
+        tuple(map(data_ptr, exp_avg_sqs)), tuple(map(data_ptr, state_steps)), tuple(map(len, params)), tuple(map(numel, params)),
     )
     table = _TABLE_CACHE.get(key)
     if table is not None:
