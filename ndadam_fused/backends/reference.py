@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim.adam import adam
+
+from .scalars import adam_step
 
 __all__ = ["vector_step", "scalar_step"]
 
@@ -78,9 +79,9 @@ def scalar_step(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """θ^s update of Algorithm 1: torch.optim's own single-tensor Adam with L2 weight decay."""
-    adam(
-        params, grads, exp_avgs, exp_avg_sqs, [], state_steps,
-        foreach=False, fused=False, capturable=False, differentiable=False,
-        amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
+    """Adam with L2 weight decay for the scalars: torch.optim's own single-tensor Adam (θ^s of Algorithm 1)."""
+    adam_step(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        implementation="single_tensor",
     )

@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.optim.adam import adam
+
+from .scalars import adam_step
 
 __all__ = ["vector_step", "scalar_step", "RowTable", "row_table", "TILE_CLASSES", "SINGLE_PASS_MAX"]
 
@@ -411,9 +412,8 @@ def scalar_step(
     weight_decay: float,
 ) -> None:
     """Adam with L2 weight decay for the scalars: torch's fused Adam on CUDA, foreach elsewhere."""
-    on_cuda = params[0].device.type == "cuda"
-    adam(
-        params, grads, exp_avgs, exp_avg_sqs, [], state_steps,
-        foreach=not on_cuda, fused=on_cuda, capturable=False, differentiable=False,
-        amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
+    adam_step(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        implementation="fused" if params[0].device.type == "cuda" else "foreach",
     )
