@@ -58,9 +58,8 @@ def _extension_build():
     use_cuda = (
         not _flag("NDADAM_NO_CUDA") and torch.version.cuda is not None and _nvcc_found(cpp_extension.CUDA_HOME)
     )
-    # -ffp-contract=off: ndadam_row_math.h relies on products not being fused into adds (see
-    # product_without_fma). -fopenmp: at::parallel_for is inline OpenMP code, compiled here.
-    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    # -fopenmp: at::parallel_for is inline OpenMP code, compiled here.
+    cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]
     sources = list(CPU_SOURCES)
     if use_cuda:

@@ -17,7 +17,11 @@ step the SAME param and grad tensors, each with its own optimizer state:
 Methods are timed round-robin, one step each per round, so that a noisy machine slows all of
 them alike; the median over rounds is reported, with GB/s (at the bytes per element above), the
 fraction of the copy's GB/s, and the ratio to adam_fused. The CSV (one row per method) carries
-the machine description: CPU model, core count, torch threads, torch version, date.
+the machine description: CPU model, core count, torch threads, torch version, date, load.
+
+On a machine shared with other work, run it with --threads 1 as well: with every core busy, each
+OpenMP parallel region waits until all its threads are scheduled, which costs the per-tensor
+baselines (one region per tensor) far more than the native kernel (one region per step).
 """
 
 from __future__ import annotations
@@ -134,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
+        # Other processes on a small machine change absolute times (and a parallel region per
+        # tensor waits for every thread to be scheduled): the 1-minute load average says how busy.
+        "load_average_1min": round(os.getloadavg()[0], 2),
     }
     print(f"{elements / 1e6:.1f}M fp32 elements in {len(shapes)} tensors; {machine}")
 

@@ -64,20 +64,24 @@ NDADAM_HOST_DEVICE double square_root(double x) { return sqrt(x); }
 // x*y rounded on its own, never fused into a neighbouring add. The closed forms below subtract
 // nearly equal products (||g||² = b - 2a² + a²c with a² ≈ b on a row of length 1); with both
 // products rounded the same way such a difference is exactly 0, which keeps a length-1 row at
-// exactly ±1 on the statistics path too. nvcc contracts a*b+c into an FMA by default, hence
-// the intrinsics; host builds pass -ffp-contract=off (setup.py, CMakeLists.txt).
+// exactly ±1 on the statistics path too. Compilers contract a*b+c into an FMA (nvcc by
+// default, GCC where the target has FMA), hence the intrinsics on the device and, on the host,
+// a volatile store the compiler must round to: these run a few times per row, never per element,
+// so the inner loops keep their FMAs.
 NDADAM_HOST_DEVICE float product_without_fma(float x, float y) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(x, y);
 #else
-  return x * y;
+  const volatile float product = x * y;
+  return product;
 #endif
 }
 NDADAM_HOST_DEVICE double product_without_fma(double x, double y) {
 #if defined(__CUDA_ARCH__)
   return __dmul_rn(x, y);
 #else
-  return x * y;
+  const volatile double product = x * y;
+  return product;
 #endif
 }
 

@@ -128,6 +128,43 @@ def test_the_two_paths_really_differ(device, single_pass_limit):
     assert (results[0] - results[1]).abs().max() < 1e-6
 
 
+def _cpu_runs(instruction_set: str) -> bool:
+    """Whether this CPU and build run the kernel's copy for ``instruction_set``."""
+    args = op_arguments([(2, 3)])
+    os.environ["NDADAM_CPU_INSTRUCTION_SET"] = instruction_set
+    try:
+        OP(*args, 0.9, 0.99, 1e-8)
+        return True
+    except RuntimeError as error:
+        if "does not have" in str(error):
+            return False
+        raise
+    finally:
+        del os.environ["NDADAM_CPU_INSTRUCTION_SET"]
+
+
+@pytest.mark.parametrize("instruction_set", ["baseline", "x86-64-v3", "x86-64-v4"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("limit", [None, 0], ids=["default", "statistics"])
+def test_every_cpu_instruction_set_copy_matches_reference(instruction_set, dtype, limit, monkeypatch, single_pass_limit):
+    """The CPU kernel is compiled once per instruction set and picks the best at run time; the
+    others are checked by asking for them."""
+    if not _cpu_runs(instruction_set):
+        pytest.skip(f"this CPU or build has no {instruction_set} copy")
+    monkeypatch.setenv("NDADAM_CPU_INSTRUCTION_SET", instruction_set)
+    single_pass_limit(limit)
+    backend_cases.compare_with_reference("native", SECTION_7_SHAPES, dtype, STEPS, vector_lrs=(0.05, 0.2))
+
+
+def test_unknown_cpu_instruction_set_is_an_error_that_changes_nothing(monkeypatch):
+    args = op_arguments([(3, 8)])
+    before = args[0][0].clone()
+    monkeypatch.setenv("NDADAM_CPU_INSTRUCTION_SET", "avx9000")
+    with pytest.raises(RuntimeError, match="NDADAM_CPU_INSTRUCTION_SET=avx9000 is not one of"):
+        OP(*args, 0.9, 0.99, 1e-8)
+    assert args[4][0].item() == 3.0 and torch.equal(args[0][0], before)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_many_small_tensors_in_one_call(device, dtype):
