@@ -24,7 +24,7 @@
 namespace ndadam {
 
 // Rows up to this length take the exact single-pass path: the row is loaded once, kept on
-// chip (CUDA: registers, 512 threads x 16 elements; CPU: three 8192-element fp32 rows are
+// chip (CUDA: registers, 1024 threads x 8 elements; CPU: three 8192-element fp32 rows are
 // 96 KiB, which stay in a core's L2 while the row is swept), and g and ||w̄|| are computed
 // explicitly. Longer rows take the two-pass statistics path. The kernels take the cut-over as
 // an argument so that tests can force either path; this is its default.

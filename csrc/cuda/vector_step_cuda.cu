@@ -48,6 +48,10 @@
 namespace ndadam {
 namespace cuda_kernel {
 
+// 1024 threads x 8 elements, rather than 512 x 16: at 1024 threads a block may use 64 registers
+// per thread, which ptxas (CUDA 13.0, sm_90) meets with every load of the 4-wide exact path in
+// flight; the 1-wide exact path (rows whose length is not a multiple of 4) spills 24-44 bytes
+// in fp32, more in fp64. 512 x 16 took 128 registers and spilled on every path.
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
 // Elements of a row each thread holds in registers on the exact path.
