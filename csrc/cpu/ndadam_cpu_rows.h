@@ -1,0 +1,192 @@
+// One row of the ND-Adam vector step on the CPU: the exact single-pass form and the two-pass
+// statistics form of DESIGN.md section 4, built from the formulas of ndadam_row_math.h.
+//
+// Torch-free (param_t is float, double, or any type that converts to and from acc_t, such as
+// c10::BFloat16 and c10::Half), so that tests/cpp/test_row_math.cpp checks the very loops the
+// C++ kernel runs. The inner loops are `#pragma omp simd` loops over plain arrays with no
+// temporaries: the step is memory bound, and each row is read from memory once.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../ndadam_row_math.h"
+
+namespace ndadam::cpu {
+
+// The row functions are inlined into the kernel's loops, which are compiled once per
+// instruction set (vector_step_cpu.cpp): only an inlined body gets the caller's wider vectors.
+#if defined(__GNUC__)
+#define NDADAM_ALWAYS_INLINE inline __attribute__((always_inline))
+#define NDADAM_PREFETCH_TO_L1(address) __builtin_prefetch((address), 0, 3)
+#define NDADAM_PREFETCH_TO_L2(address) __builtin_prefetch((address), 0, 2)
+#else
+#define NDADAM_ALWAYS_INLINE inline
+#define NDADAM_PREFETCH_TO_L1(address) ((void)(address))
+#define NDADAM_PREFETCH_TO_L2(address) ((void)(address))
+#endif
+
+// Sums are taken in blocks of this many elements, each block a vectorized reduction, then
+// added up: the rounding error grows with the block length, not with the row length. Prefetches
+// are issued per block too (a block is 16 cache lines of fp32).
+constexpr int64_t kSumBlock = 256;
+
+template <typename param_t, typename acc_t>
+NDADAM_ALWAYS_INLINE acc_t load(const param_t* data, int64_t i) {
+  return static_cast<acc_t>(data[i]);
+}
+
+// The row after this one, to prefetch while this one is swept in cache; null pointers: none.
+template <typename param_t, typename acc_t>
+struct NextRow {
+  const param_t* w = nullptr;
+  const param_t* grad = nullptr;
+  const acc_t* m = nullptr;
+};
+
+// Rows up to this length are prefetched into L1 (this row and the next, three arrays each,
+// fit in a 48 KiB L1 for fp32), longer ones into L2.
+constexpr int64_t kPrefetchToL1MaxRowLength = 1024;
+
+template <typename T>
+NDADAM_ALWAYS_INLINE void prefetch_block(const T* data, int64_t start, int64_t end, int64_t row_length) {
+  if (data == nullptr) {
+    return;
+  }
+  constexpr int64_t kPerLine = 64 / sizeof(T) > 0 ? 64 / sizeof(T) : 1;
+  if (row_length <= kPrefetchToL1MaxRowLength) {
+    for (int64_t i = start; i < end; i += kPerLine) {
+      NDADAM_PREFETCH_TO_L1(data + i);
+    }
+  } else {
+    for (int64_t i = start; i < end; i += kPerLine) {
+      NDADAM_PREFETCH_TO_L2(data + i);
+    }
+  }
+}
+
+// The exact form, for rows that stay in cache while they are swept: four sweeps over the row,
+// but only the first touch of w, ḡ and m reaches memory, so the traffic is 20 bytes per fp32
+// element (read w, ḡ, m; write w, m).
+//   1. a = ḡ·w
+//   2. g = ḡ - a w (never stored); ||g||²; m' = β1 m + (1-β1) g, stored
+//   3. ||w̄||² with w̄ = w - s m' (recomputed rather than stored: it is in cache)
+//   4. w' = w̄ / ||w̄||
+// Sweeps 2, 3 and 4 read this row from cache, so each prefetches one array of the next row
+// (w, ḡ, m: one array per sweep, so that the prefetches never queue up behind each other): the
+// memory system works on row r+1 while the core finishes row r. Measured on one core of a Xeon
+// (Sapphire Rapids), AVX2, fp32: rows of 768, 0.81 -> 0.96 G elements/s; rows of 3072, 0.84 -> 0.89.
+template <typename param_t, typename acc_t>
+NDADAM_ALWAYS_INLINE void exact_row_step(param_t* __restrict__ w, const param_t* __restrict__ grad,
+                                         acc_t* __restrict__ m, acc_t* __restrict__ v, int64_t row_length,
+                                         const StepScalars<acc_t>& k, const NextRow<param_t, acc_t>& next = {}) {
+  acc_t grad_dot_w = 0;
+  for (int64_t start = 0; start < row_length; start += kSumBlock) {
+    const int64_t end = std::min(start + kSumBlock, row_length);
+    acc_t partial = 0;
+#pragma omp simd reduction(+ : partial)
+    for (int64_t i = start; i < end; ++i) {
+      partial += load<param_t, acc_t>(grad, i) * load<param_t, acc_t>(w, i);
+    }
+    grad_dot_w += partial;
+  }
+
+  acc_t grad_sq_norm = 0;
+  for (int64_t start = 0; start < row_length; start += kSumBlock) {
+    const int64_t end = std::min(start + kSumBlock, row_length);
+    prefetch_block(next.w, start, end, row_length);
+    acc_t partial = 0;
+#pragma omp simd reduction(+ : partial)
+    for (int64_t i = start; i < end; ++i) {
+      const acc_t g = projected_gradient(load<param_t, acc_t>(grad, i), load<param_t, acc_t>(w, i), grad_dot_w);
+      partial += g * g;
+      m[i] = first_moment_update(m[i], g, k);
+    }
+    grad_sq_norm += partial;
+  }
+
+  const acc_t v_new = second_moment_update(*v, grad_sq_norm, k);
+  const acc_t s = step_size(v_new, k);
+
+  acc_t w_bar_sq_norm = 0;
+  for (int64_t start = 0; start < row_length; start += kSumBlock) {
+    const int64_t end = std::min(start + kSumBlock, row_length);
+    prefetch_block(next.grad, start, end, row_length);
+    acc_t partial = 0;
+#pragma omp simd reduction(+ : partial)
+    for (int64_t i = start; i < end; ++i) {
+      const acc_t w_bar = unnormalized_weight(load<param_t, acc_t>(w, i), m[i], s);
+      partial += w_bar * w_bar;
+    }
+    w_bar_sq_norm += partial;
+  }
+
+  const acc_t scale = inverse_norm(w_bar_sq_norm);
+  for (int64_t start = 0; start < row_length; start += kSumBlock) {
+    const int64_t end = std::min(start + kSumBlock, row_length);
+    prefetch_block(next.m, start, end, row_length);
+#pragma omp simd
+    for (int64_t i = start; i < end; ++i) {
+      w[i] = static_cast<param_t>(unnormalized_weight(load<param_t, acc_t>(w, i), m[i], s) * scale);
+    }
+  }
+  *v = v_new;
+}
+
+// The statistics form, for rows too long to stay in cache: one sweep reads (w, ḡ, m) for the
+// six statistics, the closed forms give (v', s, 1/||w̄||), one sweep writes m' and w'.
+// 32 bytes per fp32 element, and never a third sweep.
+template <typename param_t, typename acc_t>
+NDADAM_ALWAYS_INLINE void statistics_row_step(param_t* __restrict__ w, const param_t* __restrict__ grad, acc_t* __restrict__ m,
+                         acc_t* __restrict__ v, int64_t row_length, const StepScalars<acc_t>& k) {
+  RowStatistics<acc_t> stats{0, 0, 0, 0, 0, 0};
+  for (int64_t start = 0; start < row_length; start += kSumBlock) {
+    const int64_t end = std::min(start + kSumBlock, row_length);
+    acc_t gw = 0, gg = 0, ww = 0, mw = 0, mm = 0, mg = 0;
+#pragma omp simd reduction(+ : gw, gg, ww, mw, mm, mg)
+    for (int64_t i = start; i < end; ++i) {
+      const acc_t wi = load<param_t, acc_t>(w, i);
+      const acc_t gi = load<param_t, acc_t>(grad, i);
+      const acc_t mi = m[i];
+      gw += gi * wi;
+      gg += gi * gi;
+      ww += wi * wi;
+      mw += mi * wi;
+      mm += mi * mi;
+      mg += mi * gi;
+    }
+    stats.grad_dot_w += gw;
+    stats.grad_dot_grad += gg;
+    stats.w_dot_w += ww;
+    stats.m_dot_w += mw;
+    stats.m_dot_m += mm;
+    stats.m_dot_grad += mg;
+  }
+
+  const RowUpdate<acc_t> update = update_from_statistics(stats, *v, k);
+  const acc_t a = stats.grad_dot_w;
+#pragma omp simd
+  for (int64_t i = 0; i < row_length; ++i) {
+    const acc_t wi = load<param_t, acc_t>(w, i);
+    const acc_t g = projected_gradient(load<param_t, acc_t>(grad, i), wi, a);
+    const acc_t m_new = first_moment_update(m[i], g, k);
+    m[i] = m_new;
+    w[i] = static_cast<param_t>(unnormalized_weight(wi, m_new, update.step_size) * update.inverse_norm);
+  }
+  *v = update.exp_avg_sq;
+}
+
+// The path a row of this length takes: exact when it fits under the cut-over. Long rows on the
+// statistics path are long streams, which the hardware prefetchers follow on their own.
+template <typename param_t, typename acc_t>
+NDADAM_ALWAYS_INLINE void row_step(param_t* w, const param_t* grad, acc_t* m, acc_t* v, int64_t row_length,
+                                   int64_t max_single_pass_row_length, const StepScalars<acc_t>& k,
+                                   const NextRow<param_t, acc_t>& next = {}) {
+  if (row_length <= max_single_pass_row_length) {
+    exact_row_step(w, grad, m, v, row_length, k, next);
+  } else {
+    statistics_row_step(w, grad, m, v, row_length, k);
+  }
+}
+
+}  // namespace ndadam::cpu

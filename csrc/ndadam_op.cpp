@@ -1,0 +1,147 @@
+// The op schema (defined once, here), the argument checks every implementation shares, and the
+// Python module ndadam_fused._C whose import loads the registrations.
+//
+// Layout after pytorch/extension-cpp: this file defines the op with TORCH_LIBRARY; the CPU
+// kernel (cpu/vector_step_cpu.cpp) and the CUDA kernel (cuda/vector_step_cuda.cu) register
+// their implementations with TORCH_LIBRARY_IMPL; the fake (meta) implementation that
+// torch.compile traces with is registered from Python (ndadam_fused/backends/native.py).
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+
+#include "ndadam_op.h"
+#include "ndadam_row_math.h"
+
+#ifndef NDADAM_WITH_CUDA
+#define NDADAM_WITH_CUDA 0
+#endif
+
+namespace ndadam {
+
+namespace {
+
+constexpr const char* kOp = "ndadam_fused::vector_step_";
+
+std::string describe(const at::Tensor& t) {
+  std::string text = std::string(c10::toString(t.scalar_type())) + " tensor of shape " +
+                     c10::str(t.sizes()) + " on " + t.device().str();
+  return text;
+}
+
+at::ScalarType state_dtype(at::ScalarType param_dtype) {
+  return param_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace
+
+int64_t resolve_single_pass_limit(int64_t max_single_pass_row_length) {
+  return max_single_pass_row_length < 0 ? kSinglePassMaxRowLength : max_single_pass_row_length;
+}
+
+void check_vector_step_arguments(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                 at::TensorList exp_avg_sqs, at::TensorList state_steps, const at::Tensor& lr,
+                                 double beta1, double beta2, double eps, int64_t max_single_pass_row_length,
+                                 c10::DeviceType device_type) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && state_steps.size() == n,
+              kOp, ": every list needs one entry per param, but got ", n, " params, ", grads.size(), " grads, ",
+              exp_avgs.size(), " exp_avgs, ", exp_avg_sqs.size(), " exp_avg_sqs and ", state_steps.size(),
+              " state_steps");
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, kOp, ": beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, kOp, ": beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), kOp, ": eps must be a finite number >= 0, got ", eps);
+  TORCH_CHECK(max_single_pass_row_length >= -1, kOp,
+              ": max_single_pass_row_length must be -1 (the default cut-over) or >= 0, got ",
+              max_single_pass_row_length);
+  if (n == 0) {
+    return;
+  }
+
+  const at::Tensor& first = params[0];
+  TORCH_CHECK(first.device().type() == device_type, kOp, ": params[0] is a ", describe(first),
+              " but this is the ", c10::DeviceTypeName(device_type), " kernel");
+  const at::ScalarType dtype = first.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
+              ": params[0] is a ", describe(first), "; the kernels take float32, float64, bfloat16 or float16");
+  const at::Device device = first.device();
+  const at::ScalarType acc_dtype = state_dtype(dtype);
+
+  TORCH_CHECK(lr.numel() == 1 && (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble) &&
+                  lr.device() == device,
+              kOp, ": lr must be a one-element float32 or float64 tensor on ", device.str(), ", got a ", describe(lr));
+
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device() == device && p.scalar_type() == dtype, kOp, ": params[", i, "] is a ", describe(p),
+                " but params[0] is a ", describe(first),
+                "; call the op once per (device, dtype), as ndadam_fused.backends.native does");
+    TORCH_CHECK(p.dim() >= 2, kOp, ": params[", i, "] is a ", describe(p),
+                "; a vector tensor needs at least 2 dims (one row per hidden unit)");
+    TORCH_CHECK(p.is_contiguous(), kOp, ": params[", i, "] (", describe(p), ") must be contiguous");
+
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(g.layout() == at::kStrided, kOp, ": grads[", i, "] is sparse; the kernels take dense gradients");
+    TORCH_CHECK(g.device() == device && g.scalar_type() == dtype && g.sizes() == p.sizes(), kOp, ": grads[", i,
+                "] is a ", describe(g), " but params[", i, "] is a ", describe(p),
+                "; the gradient must match its param in shape, dtype and device");
+    TORCH_CHECK(g.is_contiguous(), kOp, ": grads[", i, "] (", describe(g), ") must be contiguous");
+
+    const at::Tensor& m = exp_avgs[i];
+    TORCH_CHECK(m.device() == device && m.scalar_type() == acc_dtype && m.sizes() == p.sizes() && m.is_contiguous(),
+                kOp, ": exp_avgs[", i, "] is a ", describe(m), "; expected a contiguous ", c10::toString(acc_dtype),
+                " tensor of shape ", c10::str(p.sizes()), " on ", device.str());
+
+    const at::Tensor& v = exp_avg_sqs[i];
+    TORCH_CHECK(v.device() == device && v.scalar_type() == acc_dtype && v.dim() == 1 &&
+                    v.size(0) == row_count(p) && v.is_contiguous(),
+                kOp, ": exp_avg_sqs[", i, "] is a ", describe(v), "; expected a contiguous ", c10::toString(acc_dtype),
+                " tensor of shape [", row_count(p), "] (one second moment per row) on ", device.str());
+
+    const at::Tensor& step = state_steps[i];
+    TORCH_CHECK(step.device() == device && step.scalar_type() == at::kFloat && step.numel() == 1, kOp,
+                ": state_steps[", i, "] is a ", describe(step), "; expected a one-element float32 tensor on ",
+                device.str(), " (the param's device, as fused Adam keeps it)");
+  }
+}
+
+}  // namespace ndadam
+
+// One schema for every device. Params, exp_avgs, exp_avg_sqs and state_steps are updated in
+// place (state_steps incremented by 1 before the math); grads and lr are only read. lr is a
+// tensor on the params' device so that a changing lr (schedulers, CUDA graphs) never needs a
+// new kernel argument.
+TORCH_LIBRARY(ndadam_fused, m) {
+  m.def(
+      "vector_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] state_steps, Tensor lr, float beta1, float beta2, float eps, "
+      "int max_single_pass_row_length=-1) -> ()");
+}
+
+// ndadam_fused._C: importing it loads the registrations above. Its two constants say what the
+// build holds, for ndadam_fused.backends.native.unavailable_reason.
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "ND-Adam kernels; the op is torch.ops.ndadam_fused.vector_step_",
+      -1,
+      nullptr,
+  };
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) {
+    return nullptr;
+  }
+  if (PyModule_AddIntConstant(module, "BUILT_WITH_CUDA", NDADAM_WITH_CUDA) < 0 ||
+      PyModule_AddIntConstant(module, "SINGLE_PASS_MAX_ROW_LENGTH", ndadam::kSinglePassMaxRowLength) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
+}

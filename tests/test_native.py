@@ -1,0 +1,429 @@
+"""The native backend (csrc/, ndadam_fused._C): DESIGN.md section 7's matrix against the reference.
+
+Every test runs on CPU (the C++ kernel) and, where a GPU and a CUDA build of the extension are
+present, on CUDA (the CUDA kernel); the CUDA variants skip elsewhere. A missing extension fails
+this module instead of skipping it, so that CI cannot pass without running the native tests;
+set NDADAM_NO_EXTENSION=1 to skip it knowingly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import backend_cases
+from backend_cases import MANY_SMALL_SHAPES, SCALAR_SHAPES, SECTION_7_SHAPES
+from ndadam_fused import NDAdam, backends
+from ndadam_fused.backends import native
+
+if native._C is None:
+    if os.environ.get("NDADAM_NO_EXTENSION") == "1":
+        pytest.skip("NDADAM_NO_EXTENSION=1: the native extension is not built", allow_module_level=True)
+    raise RuntimeError(f"the native tests need the extension: {native.unavailable_reason(torch.device('cpu'))}")
+
+CUDA_READY = torch.cuda.is_available() and bool(native._C.BUILT_WITH_CUDA)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_READY, reason="needs a GPU and a CUDA build of ndadam_fused._C"))]
+ALL_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+STEPS = 25
+LONGEST_EXACT_ROW = native._C.SINGLE_PASS_MAX_ROW_LENGTH
+OP = torch.ops.ndadam_fused.vector_step_.default
+
+
+@pytest.fixture
+def single_pass_limit(monkeypatch):
+    """Sets the cut-over between the exact and the statistics path for one test."""
+
+    def set_limit(limit):
+        monkeypatch.setattr(native, "SINGLE_PASS_MAX_ROW_LENGTH", limit)
+
+    return set_limit
+
+
+class CountVectorStepCalls(TorchDispatchMode):
+    """Records every call of the op: (device, dtype, number of tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is OP:
+            self.calls.append((args[0][0].device.type, args[0][0].dtype, len(args[0])))
+        return func(*args, **(kwargs or {}))
+
+
+def unit_rows(shape, dtype=torch.float32, device="cpu", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64)
+    rows = x.reshape(shape[0], -1)
+    return (rows / rows.norm(dim=1, keepdim=True)).reshape(shape).to(device=device, dtype=dtype)
+
+
+def op_arguments(shapes, dtype=torch.float32, device="cpu", lr=0.05):
+    """Fresh arguments of vector_step_ for ``shapes`` (params with unit rows, state, grads)."""
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    params = [unit_rows(s, dtype, device, seed=i) for i, s in enumerate(shapes)]
+    grads = [torch.randn(s, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes]
+    exp_avgs = [torch.randn(s, dtype=torch.float64).mul(0.01).to(device=device, dtype=state_dtype) for s in shapes]
+    exp_avg_sqs = [torch.rand(s[0], dtype=torch.float64).mul(0.01).to(device=device, dtype=state_dtype) for s in shapes]
+    steps = [torch.tensor(3.0, device=device) for _ in shapes]
+    lr_tensor = torch.tensor(lr, dtype=torch.float64, device=device)
+    return params, grads, exp_avgs, exp_avg_sqs, steps, lr_tensor
+
+
+# ---- DESIGN.md section 7 against the reference ---------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_section_7_matrix_matches_reference(device, dtype):
+    """Row lengths 1, 2, 27, 1000, 4096, 9000; one-row tensors; two groups with different lr;
+    grads re-allocated every other step; scalars alongside; 25 steps."""
+    backend_cases.compare_with_reference(
+        "native", SECTION_7_SHAPES + SCALAR_SHAPES, dtype, STEPS, device=device, vector_lrs=(0.05, 0.2), realloc_grads=True
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_statistics_path_forced_on_every_shape(device, dtype, single_pass_limit):
+    single_pass_limit(0)
+    backend_cases.compare_with_reference(
+        "native", SECTION_7_SHAPES, dtype, STEPS, device=device, vector_lrs=(0.05, 0.2), realloc_grads=True
+    )
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_single_pass_forced_on_the_long_rows_cpu(dtype, single_pass_limit):
+    # The CPU kernel has no on-chip limit: force the exact path past the default cut-over.
+    single_pass_limit(1 << 30)
+    backend_cases.compare_with_reference("native", [(1, 9000), (2, 20000), (3, 1000)], dtype, STEPS, vector_lrs=(0.05,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_exact_path_at_its_longest_row(device, dtype, single_pass_limit):
+    # The longest row the exact path holds (CUDA: 1024 threads x 8 elements), with the cut-over
+    # at that length, and one element more, which takes the statistics path.
+    single_pass_limit(LONGEST_EXACT_ROW)
+    backend_cases.compare_with_reference(
+        "native", [(2, LONGEST_EXACT_ROW), (1, LONGEST_EXACT_ROW + 1), (1, LONGEST_EXACT_ROW - 3)], dtype, STEPS, device=device
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_two_paths_really_differ(device, single_pass_limit):
+    """Forcing a path changes which code runs: the two paths round differently (same math)."""
+    results = []
+    for limit in (0, None):
+        single_pass_limit(limit)
+        params, _ = backend_cases.run("native", [(3, 1000)], torch.float32, 5, device=device)
+        results.append(params[0].detach().cpu())
+    assert not torch.equal(results[0], results[1])
+    assert (results[0] - results[1]).abs().max() < 1e-6
+
+
+def _cpu_runs(instruction_set: str) -> bool:
+    """Whether this CPU and build run the kernel's copy for ``instruction_set``."""
+    args = op_arguments([(2, 3)])
+    os.environ["NDADAM_CPU_INSTRUCTION_SET"] = instruction_set
+    try:
+        OP(*args, 0.9, 0.99, 1e-8)
+        return True
+    except RuntimeError as error:
+        if "does not have" in str(error):
+            return False
+        raise
+    finally:
+        del os.environ["NDADAM_CPU_INSTRUCTION_SET"]
+
+
+@pytest.mark.parametrize("instruction_set", ["baseline", "x86-64-v3", "x86-64-v4"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("limit", [None, 0], ids=["default", "statistics"])
+def test_every_cpu_instruction_set_copy_matches_reference(instruction_set, dtype, limit, monkeypatch, single_pass_limit):
+    """The CPU kernel is compiled once per instruction set and picks the best at run time; the
+    others are checked by asking for them."""
+    if not _cpu_runs(instruction_set):
+        pytest.skip(f"this CPU or build has no {instruction_set} copy")
+    monkeypatch.setenv("NDADAM_CPU_INSTRUCTION_SET", instruction_set)
+    single_pass_limit(limit)
+    backend_cases.compare_with_reference("native", SECTION_7_SHAPES, dtype, STEPS, vector_lrs=(0.05, 0.2))
+
+
+def test_unknown_cpu_instruction_set_is_an_error_that_changes_nothing(monkeypatch):
+    args = op_arguments([(3, 8)])
+    before = args[0][0].clone()
+    monkeypatch.setenv("NDADAM_CPU_INSTRUCTION_SET", "avx9000")
+    with pytest.raises(RuntimeError, match="NDADAM_CPU_INSTRUCTION_SET=avx9000 is not one of"):
+        OP(*args, 0.9, 0.99, 1e-8)
+    assert args[4][0].item() == 3.0 and torch.equal(args[0][0], before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_many_small_tensors_in_one_call(device, dtype):
+    backend_cases.compare_with_reference("native", MANY_SMALL_SHAPES, dtype, STEPS, device=device, realloc_grads=True)
+    with CountVectorStepCalls() as counter:
+        backend_cases.run("native", MANY_SMALL_SHAPES, dtype, 3, device=device)
+    # All 200 tensors in one call, one call per step.
+    assert counter.calls == [(torch.device(device).type, dtype, len(MANY_SMALL_SHAPES))] * 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("limit", [None, 0], ids=["exact", "statistics"])
+def test_length_one_rows_stay_exactly_unit(device, dtype, limit, single_pass_limit):
+    single_pass_limit(limit)
+    params, opt = backend_cases.run("native", [(64, 1), (5, 1, 1)], dtype, STEPS, device=device)
+    for p in params:
+        assert torch.equal(p.detach().abs(), torch.ones_like(p)), "a length-1 row left ±1"
+        assert torch.equal(opt.state[p]["exp_avg"], torch.zeros_like(opt.state[p]["exp_avg"]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("limit", [None, 0], ids=["exact", "statistics"])
+def test_eps_zero_and_zero_gradient_rows_make_no_step(device, limit, single_pass_limit):
+    """eps = 0 and v̂ = 0: the reference divides by 1, so the row does not move (no NaN)."""
+    single_pass_limit(limit)
+    shapes = [(4, 33), (2, 1000)]
+    params = [torch.nn.Parameter(unit_rows(s, device=device, seed=i)) for i, s in enumerate(shapes)]
+    start = [p.detach().clone() for p in params]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = NDAdam(params, lr=0.1, eps=0.0, backend="native")
+    ref_opt = NDAdam(reference, lr=0.1, eps=0.0, backend="reference")
+    for step in range(3):
+        for p, q in zip(params, reference):
+            grad = torch.randn(p.shape, device=device)
+            grad[1] = 0.0  # row 1 never gets a gradient
+            p.grad, q.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref_opt.step()
+    for p, q, p0 in zip(params, reference, start):
+        assert torch.isfinite(p).all()
+        # Row 1 does not move (re-normalizing a unit row only moves rounding bits).
+        assert (p.detach()[1] - p0[1]).abs().max() < 1e-6
+        assert opt.state[p]["exp_avg_sq"][1].item() == 0.0
+        assert torch.equal(opt.state[p]["exp_avg"][1], torch.zeros_like(p0[1]))
+        assert (p.detach() - q.detach()).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensor_lr_and_one_call_per_group_and_dtype(device):
+    """Groups of mixed dtypes: one op call per (group, dtype); a tensor lr works like a float."""
+    params = [torch.nn.Parameter(unit_rows(s, dtype, device, seed=i)) for i, (s, dtype) in enumerate([
+        ((4, 30), torch.float32), ((3, 8), torch.bfloat16), ((5, 16), torch.float32), ((2, 7), torch.float64),
+        ((6, 12), torch.float32),
+    ])]
+    groups = [
+        {"params": params[:4], "lr": torch.tensor(0.05), "vector": True},
+        {"params": params[4:], "lr": 0.2, "vector": True},
+    ]
+    opt = NDAdam(groups, backend="native")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with CountVectorStepCalls() as counter:
+        opt.step()
+    device_type = torch.device(device).type
+    assert counter.calls == [
+        (device_type, torch.float32, 2), (device_type, torch.bfloat16, 1), (device_type, torch.float64, 1),
+        (device_type, torch.float32, 1),
+    ]
+    for p in params:
+        rows = p.detach().double().reshape(p.shape[0], -1)
+        assert (rows.norm(dim=1) - 1).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_conv_weight_matches_reference(device):
+    def make(backend):
+        conv = torch.nn.Conv2d(8, 6, 3, bias=False).to(device).to(memory_format=torch.channels_last)
+        torch.nn.init.normal_(conv.weight, generator=torch.Generator(device).manual_seed(0))
+        opt = NDAdam([conv.weight], lr=0.05, backend=backend)
+        generator = torch.Generator(device).manual_seed(1)
+        for _ in range(5):
+            conv.weight.grad = torch.randn(conv.weight.shape, device=device, generator=generator).contiguous(
+                memory_format=torch.channels_last
+            )
+            opt.step()
+        return conv.weight.detach()
+
+    native_weight, reference_weight = make("native"), make("reference")
+    assert native_weight.is_contiguous(memory_format=torch.channels_last)
+    assert (native_weight - reference_weight).abs().max() < 1e-5
+
+
+# ---- The op: schema, fake implementation, torch.compile ------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_opcheck(dtype):
+    args = op_arguments([(4, 9), (3, 16), (1, 1), (2, 3, 3)], dtype=dtype)
+    torch.library.opcheck(OP, (*args, 0.9, 0.99, 1e-8, -1))
+    torch.library.opcheck(OP, (*args, 0.9, 0.99, 1e-8, 0))
+
+
+def test_op_updates_in_place_and_increments_steps():
+    params, grads, exp_avgs, exp_avg_sqs, steps, lr = op_arguments([(4, 9), (2, 5)])
+    before = [p.clone() for p in params]
+    OP(params, grads, exp_avgs, exp_avg_sqs, steps, lr, 0.9, 0.99, 1e-8)
+    assert [s.item() for s in steps] == [4.0, 4.0]
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
+    for p in params:
+        assert (p.reshape(p.shape[0], -1).norm(dim=1) - 1).abs().max() < 1e-6
+
+
+def test_torch_compile_sees_one_opaque_op():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    shapes = [(4, 9), (3, 16)]
+    eager_args = op_arguments(shapes)
+    compiled_args = [[t.clone() for t in group] if isinstance(group, list) else group.clone() for group in eager_args]
+
+    def step(params, grads, exp_avgs, exp_avg_sqs, steps, lr):
+        OP(params, grads, exp_avgs, exp_avg_sqs, steps, lr, 0.9, 0.99, 1e-8)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    frames_after_first_call = None
+    for _ in range(3):
+        step(*eager_args)
+        compiled(*compiled_args)
+        frames_after_first_call = frames_after_first_call or counter.frame_count
+    assert counter.frame_count == frames_after_first_call  # no recompilation as the state changes
+    graph_ops = [n.target for graph in counter.graphs for n in graph.graph.nodes if n.op == "call_function"]
+    assert graph_ops == [OP]  # the whole step is one opaque node
+    for eager, compiled_group in zip(eager_args[:5], compiled_args[:5]):
+        for a, b in zip(eager, compiled_group):
+            assert torch.equal(a, b)
+
+
+# ---- Bad input: a clear error naming the argument, nothing modified -----------------------
+
+
+def _break(args, what):
+    params, grads, exp_avgs, exp_avg_sqs, steps, lr = args
+    if what == "grads[1] shape":
+        grads[1] = grads[1][:, :-1].contiguous()
+    elif what == "exp_avgs[1] dtype":
+        exp_avgs[1] = exp_avgs[1].double()
+    elif what == "exp_avg_sqs[0] shape":
+        exp_avg_sqs[0] = exp_avg_sqs[0][:-1]
+    elif what == "state_steps[1] dtype":
+        steps[1] = steps[1].double()
+    elif what == "params[1] dtype":
+        params[1] = params[1].double()
+    elif what == "params[0] 1-D":
+        params[0], grads[0], exp_avgs[0] = params[0][0], grads[0][0], exp_avgs[0][0]
+    elif what == "grads[0] non-contiguous":
+        grads[0] = grads[0].t().contiguous().t()
+    elif what == "list lengths":
+        exp_avgs.pop()
+    elif what == "lr shape":
+        lr = torch.ones(2, dtype=torch.float64)
+    return params, grads, exp_avgs, exp_avg_sqs, steps, lr
+
+
+@pytest.mark.parametrize("what, message", [
+    ("grads[1] shape", r"grads\[1\]"),
+    ("exp_avgs[1] dtype", r"exp_avgs\[1\]"),
+    ("exp_avg_sqs[0] shape", r"exp_avg_sqs\[0\].*one second moment per row"),
+    ("state_steps[1] dtype", r"state_steps\[1\]"),
+    ("params[1] dtype", r"params\[1\].*once per \(device, dtype\)"),
+    ("params[0] 1-D", r"params\[0\].*at least 2 dims"),
+    ("grads[0] non-contiguous", r"grads\[0\].*contiguous"),
+    ("list lengths", r"one entry per param"),
+    ("lr shape", r"lr must be a one-element"),
+])
+def test_bad_input_is_named_and_nothing_is_modified(what, message):
+    args = _break(list(op_arguments([(3, 8), (2, 8)])), what)
+    snapshot = [[t.clone() for t in group] if isinstance(group, list) else group.clone() for group in args]
+    with pytest.raises(RuntimeError, match=message):
+        OP(*args, 0.9, 0.99, 1e-8)
+    for group, saved in zip(args, snapshot):
+        for tensor, copy in zip(group if isinstance(group, list) else [group], saved if isinstance(saved, list) else [saved]):
+            assert torch.equal(tensor, copy)
+
+
+@pytest.mark.parametrize("beta1, beta2, eps, limit, message", [
+    (1.0, 0.99, 1e-8, -1, "beta1"), (0.9, -0.1, 1e-8, -1, "beta2"), (0.9, 0.99, -1.0, -1, "eps"),
+    (0.9, 0.99, 1e-8, -2, "max_single_pass_row_length"),
+])
+def test_bad_hyperparameters_are_named(beta1, beta2, eps, limit, message):
+    args = op_arguments([(3, 8)])
+    with pytest.raises(RuntimeError, match=message):
+        OP(*args, beta1, beta2, eps, limit)
+    assert args[4][0].item() == 3.0
+
+
+@pytest.mark.skipif(not CUDA_READY, reason="needs a GPU and a CUDA build of ndadam_fused._C")
+def test_cuda_cut_over_cannot_exceed_what_fits_on_chip():
+    args = op_arguments([(3, 8)], device="cuda")
+    with pytest.raises(RuntimeError, match="on chip"):
+        OP(*args, 0.9, 0.99, 1e-8, LONGEST_EXACT_ROW + 1)
+    assert args[4][0].item() == 3.0
+
+
+@pytest.mark.skipif(not CUDA_READY, reason="needs a GPU and a CUDA build of ndadam_fused._C")
+def test_cuda_one_kernel_launch_per_call():
+    shapes = MANY_SMALL_SHAPES + [(3, 1000), (1, 9000)]
+    args = op_arguments(shapes, device="cuda")
+    OP(*args, 0.9, 0.99, 1e-8)  # uploads the table
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        OP(*args, 0.9, 0.99, 1e-8)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("vector_step_kernel" in name for name in kernels) == 1, kernels
+    assert all(s.item() == 5.0 for s in args[4])
+
+
+# ---- Availability: built, missing, without CUDA --------------------------------------------
+
+
+def test_auto_picks_native_when_built():
+    assert backends.unavailable_reason("native", "cpu") is None
+    assert backends.auto_backend("cpu") == "native"
+    assert backends.resolve("auto", "cpu") is native
+    if CUDA_READY:
+        assert backends.auto_backend("cuda") == "native"
+
+
+def test_without_cuda_kernel_cuda_says_how_to_build(monkeypatch):
+    monkeypatch.setattr(native._C, "BUILT_WITH_CUDA", 0)
+    reason = native.unavailable_reason(torch.device("cuda"))
+    assert "CUDA_HOME" in reason and "pip install --no-build-isolation -e ." in reason
+    assert native.unavailable_reason(torch.device("cpu")) is None
+
+
+def test_missing_extension_never_breaks_import():
+    """With ndadam_fused._C unimportable: the package imports, "native" says how to build it,
+    and "auto" takes the next best backend."""
+    script = """
+import sys
+sys.modules["ndadam_fused._C"] = None  # makes `from .. import _C` raise ImportError
+import torch
+import ndadam_fused
+from ndadam_fused import NDAdam, backends
+assert backends.auto_backend("cpu") == "reference", backends.auto_backend("cpu")
+reason = backends.unavailable_reason("native", "cpu")
+assert "pip install --no-build-isolation -e ." in reason, reason
+try:
+    NDAdam([torch.nn.Parameter(torch.randn(3, 4))], backend="native")
+except RuntimeError as error:
+    assert "pip install --no-build-isolation -e ." in str(error), error
+else:
+    raise AssertionError("backend='native' without the extension did not raise")
+p = torch.nn.Parameter(torch.randn(3, 4))
+opt = NDAdam([p], backend="auto")
+p.grad = torch.randn(3, 4)
+opt.step()
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
