@@ -3,7 +3,7 @@
 # For a machine with one NVIDIA GPU, its own Python with a CUDA build of torch, Triton and
 # nvcc, and no package registry: nothing is fetched (pip --no-build-isolation --no-deps).
 # Runs in under 8 minutes on an H200. Writes into $OUT (default benchmarks/results/):
-#   gpu_env.txt, gpu_check.log, step_cuda.csv, step_cuda.png, targets_cuda.txt
+#   gpu_env.txt, gpu_check.log, tests_cuda.xml, step_cuda.csv, step_cuda.png, targets_cuda.txt
 #
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -39,11 +39,17 @@ cat "$OUT/gpu_env.txt" | tee -a "$LOG"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}"
+# A failed compile of the extension must fail here, not fall back to a pure-Python install.
+export NDADAM_REQUIRE_EXTENSION=1
 stage install 300 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+# The CUDA tests skip without a GPU or without the CUDA kernel: here a skip would hide a failure.
+stage cuda-kernel-present 60 "$PY" -c "import torch, ndadam_fused._C as C; assert torch.cuda.is_available(), 'no GPU'; assert C.BUILT_WITH_CUDA, 'ndadam_fused._C was built without its CUDA kernel'"
 
 # Triton compiles for the GPU here: no interpreter. Only the CUDA cases (CI runs the CPU ones).
 export TRITON_INTERPRET=0
-stage tests-cuda 180 "$PY" -m pytest -q -p no:cacheprovider tests -k "cuda"
+stage tests-cuda 240 "$PY" -m pytest -q -rs -p no:cacheprovider tests -k "cuda" --junitxml="$OUT/tests_cuda.xml"
+# ... and a skipped CUDA test counts as a failure.
+stage no-cuda-test-skipped 10 "$PY" -c "import sys, xml.etree.ElementTree as ET; r = ET.parse(sys.argv[1]).getroot(); s = r if r.tag == 'testsuite' else r[0]; n = int(s.get('skipped', 0)); print(n, 'skipped'); sys.exit(n > 0)" "$OUT/tests_cuda.xml"
 
 stage benchmark 300 "$PY" -m benchmarks.step --device cuda --out "$OUT" \
   --sets gpt2-medium,transformer-1.3b,wrn-28-10,many-small

@@ -112,32 +112,57 @@ def make_candidate(name: str, params: list[torch.nn.Parameter], device: torch.de
 MIN_REPEATS = 3
 
 
-def time_steps(step: Callable[[], None], device: torch.device, repeats: int, warmup: int, budget_s: float = math.inf) -> list[float]:
-    """Seconds per step, one per repeat, after ``warmup`` untimed steps.
+class _Timer:
+    """Times single steps: CUDA events with the L2 cache flushed first, or the CPU clock."""
 
-    On CPU, a candidate stops repeating once it has spent ``budget_s`` (after MIN_REPEATS
-    steps), so that a slow baseline on a large set cannot hold the run for minutes.
-    """
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        # Larger than any L2 cache: each step starts with its tensors in HBM, as in training.
-        flush = torch.empty(512 * 2**20, dtype=torch.uint8, device=device)
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-        for start, end in zip(starts, ends):
-            flush.zero_()
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            # Larger than any L2 cache: each step starts with its tensors in HBM, as in training.
+            self.flush = torch.empty(512 * 2**20, dtype=torch.uint8, device=device)
+            self.pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def time(self, name: str, step: Callable[[], None], times: dict[str, list[float]]) -> None:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.flush.zero_()
             start.record()
             step()
             end.record()
-        torch.cuda.synchronize(device)
-        return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)]
-    times: list[float] = []
-    while len(times) < repeats and (len(times) < MIN_REPEATS or sum(times) < budget_s):
-        begin = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - begin)
+            self.pending.append((name, start, end))
+        else:
+            begin = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - begin)
+
+    def collect(self, times: dict[str, list[float]]) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            for name, start, end in self.pending:
+                times[name].append(start.elapsed_time(end) / 1e3)
+            self.pending.clear()
+
+
+def time_round_robin(candidates: list[Candidate], device: torch.device, repeats: int, warmup: int,
+                     budget_s: float = math.inf) -> dict[str, list[float]]:
+    """Seconds per step for each candidate, one step of each per round, after ``warmup`` rounds.
+
+    Round robin, so that a machine that is busy with other work slows every candidate alike.
+    A candidate stops repeating once it has spent ``budget_s`` (after MIN_REPEATS steps), so
+    that a slow baseline on a large set cannot hold the run for minutes.
+    """
+    for _ in range(warmup):
+        for candidate in candidates:
+            candidate.step()
+    timer = _Timer(device)
+    times: dict[str, list[float]] = {c.name: [] for c in candidates}
+    for round_index in range(repeats):
+        for candidate in candidates:
+            spent = times[candidate.name]
+            if round_index >= MIN_REPEATS and spent and sum(spent) > budget_s:
+                continue
+            timer.time(candidate.name, candidate.step, times)
+        timer.collect(times)
     return times
 
 
@@ -190,43 +215,51 @@ def run(args: argparse.Namespace) -> list[dict]:
             return iterable
 
     rows: list[dict] = []
-    work = [(s, c) for s in sets for c in args.candidates]
-    progress = tqdm(work, desc="step benchmark", unit="case", file=sys.stderr)
-    params: list[torch.nn.Parameter] | None = None
-    current_set = None
-    for set_name, candidate_name in progress:
-        if hasattr(progress, "set_postfix_str"):
-            progress.set_postfix_str(f"{set_name} / {candidate_name}")
-        if set_name != current_set:
-            params = None
+    progress = tqdm(sets, desc="step benchmark", unit="set", file=sys.stderr)
+    for set_name in progress:
+        params = param_sets.build(set_name, device, dtype)
+        # The copy first and alone: its buffers are as large as everything else together.
+        names = [c for c in args.candidates if c != "copy"]
+        groups = ([["copy"]] if "copy" in args.candidates else []) + [names]
+        for group in groups:
+            candidates = []
+            for name in group:
+                if hasattr(progress, "set_postfix_str"):
+                    progress.set_postfix_str(f"{set_name}: preparing {name}")
+                candidate = make_candidate(name, params, device)
+                if isinstance(candidate, str):
+                    print(f"  skip {name} on {set_name}: {candidate}", file=sys.stderr)
+                else:
+                    candidates.append(candidate)
+            if hasattr(progress, "set_postfix_str"):
+                progress.set_postfix_str(f"{set_name}: timing {', '.join(c.name for c in candidates)}")
+            times = time_round_robin(candidates, device, args.repeats, args.warmup, args.budget_s)
+            for candidate in candidates:
+                launches = count_launches(candidate.step, device)
+                rows.append(_row(set_name, candidate, times[candidate.name], launches, params, args, device.type))
+            del candidates, candidate
             gc.collect()
-            params = param_sets.build(set_name, device, dtype)
-            current_set = set_name
-        candidate = make_candidate(candidate_name, params, device)
-        if isinstance(candidate, str):
-            print(f"  skip {candidate_name} on {set_name}: {candidate}", file=sys.stderr)
-            continue
-        times = time_steps(candidate.step, device, args.repeats, args.warmup, args.budget_s)
-        launches = count_launches(candidate.step, device)
-        quantiles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
-        median = statistics.median(times)
-        rows.append(
-            {
-                "set": set_name, "device": device.type, "dtype": args.dtype, "candidate": candidate_name,
-                "tensors": len(params), "elements": sum(p.numel() for p in params),
-                "median_ms": median * 1e3, "p10_ms": quantiles[0] * 1e3, "p90_ms": quantiles[-1] * 1e3,
-                "repeats": len(times), "bytes_per_step": candidate.bytes_per_step,
-                "gb_per_s": candidate.bytes_per_step / median / 1e9,
-                "state_bytes": candidate.state_bytes,
-                "state_vs_adam": candidate.state_bytes / _adam_state_bytes(params) if candidate.state_bytes else "",
-                "launches_per_step": "" if launches is None else launches,
-                "machine": machine, "torch": torch_version, "triton": triton_version, "date": date,
-            }
-        )
-        del candidate
+        del params
         gc.collect()
+    for row in rows:
+        row.update(machine=machine, torch=torch_version, triton=triton_version, date=date)
     _add_ratios(rows)
     return rows
+
+
+def _row(set_name, candidate, times, launches, params, args, device_type) -> dict:
+    quantiles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
+    median = statistics.median(times)
+    return {
+        "set": set_name, "device": device_type, "dtype": args.dtype, "candidate": candidate.name,
+        "tensors": len(params), "elements": sum(p.numel() for p in params),
+        "median_ms": median * 1e3, "p10_ms": quantiles[0] * 1e3, "p90_ms": quantiles[-1] * 1e3,
+        "repeats": len(times), "threads": torch.get_num_threads() if device_type == "cpu" else "",
+        "bytes_per_step": candidate.bytes_per_step, "gb_per_s": candidate.bytes_per_step / median / 1e9,
+        "state_bytes": candidate.state_bytes,
+        "state_vs_adam": candidate.state_bytes / _adam_state_bytes(params) if candidate.state_bytes else "",
+        "launches_per_step": "" if launches is None else launches,
+    }
 
 
 def _add_ratios(rows: list[dict]) -> None:
@@ -244,7 +277,7 @@ def _add_ratios(rows: list[dict]) -> None:
 
 
 COLUMNS = [
-    "set", "device", "dtype", "candidate", "tensors", "elements", "median_ms", "p10_ms", "p90_ms", "repeats",
+    "set", "device", "dtype", "candidate", "tensors", "elements", "median_ms", "p10_ms", "p90_ms", "repeats", "threads",
     "bytes_per_step", "gb_per_s", "copy_fraction", *(f"speedup_vs_{b}" for b in BASELINES),
     "state_bytes", "state_vs_adam", "launches_per_step", "machine", "torch", "triton", "date",
 ]
@@ -332,6 +365,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", RESULTS)))
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
     on_gpu = args.device.startswith("cuda")
     if args.sets is None:
@@ -358,11 +392,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rows = run(args)
     if not rows:
         print("nothing ran", file=sys.stderr)
         return 1
     suffix = f"_{args.tag}" if args.tag else ("_quick" if args.quick else "")
+    if args.threads is not None and not args.tag:
+        suffix += f"_{args.threads}thread{'s' if args.threads > 1 else ''}"
     stem = f"step_{torch.device(args.device).type}{suffix}"
     write_csv(rows, args.out / f"{stem}.csv")
     print_table(rows)

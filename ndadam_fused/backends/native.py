@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim.adam import adam
+
+from .scalars import adam_step
 
 __all__ = ["SINGLE_PASS_MAX_ROW_LENGTH", "scalar_step", "unavailable_reason", "vector_step"]
 
@@ -151,8 +152,7 @@ def scalar_step(
     weight_decay: float,
 ) -> None:
     """θ^s update of Algorithm 1: torch's fused Adam (CPU and CUDA) with L2 weight decay."""
-    adam(
-        params, grads, exp_avgs, exp_avg_sqs, [], state_steps,
-        foreach=False, fused=True, capturable=False, differentiable=False,
-        amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
+    adam_step(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, implementation="fused",
     )
