@@ -8,7 +8,7 @@ from benchmarks import param_sets, step
 
 
 def test_quick_mode_writes_csv_and_plot(tmp_path, capsys):
-    assert step.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--repeats", "2"]) == 0
+    assert step.main(["--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "step_cpu_quick.csv")))
     assert (tmp_path / "step_cpu_quick.png").stat().st_size > 1000
     assert {r["set"] for r in rows} == {"many-small", "wrn-16-4"}
