@@ -16,6 +16,8 @@ tests set it to force either path.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -138,21 +140,5 @@ def vector_step(
             exp_avg.copy_(group_exp_avgs[i])
 
 
-def scalar_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """θ^s update of Algorithm 1: torch's fused Adam (CPU and CUDA) with L2 weight decay."""
-    adam_step(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps,
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, implementation="fused",
-    )
+#: θ^s of Algorithm 1: torch's fused Adam (CPU and CUDA) with L2 weight decay.
+scalar_step = functools.partial(adam_step, implementation="fused")

@@ -15,6 +15,8 @@ rounded once when the new row is written back.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -66,22 +68,5 @@ def vector_step(
         param.copy_(w_new.view(param.shape))
 
 
-def scalar_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """Adam with L2 weight decay for the scalars: torch.optim's own single-tensor Adam (θ^s of Algorithm 1)."""
-    adam_step(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps,
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        implementation="single_tensor",
-    )
+#: θ^s of Algorithm 1: torch.optim's own single-tensor Adam with L2 weight decay.
+scalar_step = functools.partial(adam_step, implementation="single_tensor")
