@@ -49,9 +49,9 @@ DEFAULT_LR = {"ndadam": 1e-3, "sgd": 0.1}
 # A checkpoint resumes only a run with these settings (the schedule's length is among them).
 RESUME_MUST_MATCH = ("dataset", "synthetic", "depth", "width", "softmax", "optimizer", "epochs", "batch_size", "seed")
 
-NO_GPU_MESSAGE = """\
-No CUDA GPU found: running on {device}. The paper's setting (WRN-28-10, 200 epochs of 50,000 images)
-is a GPU job; on a machine with a CUDA GPU and the CIFAR batches, run for example:
+GPU_HOWTO = """\
+The paper's setting (WRN-28-10, 200 epochs of 50,000 images) is a GPU job; on a machine with a CUDA GPU
+and the CIFAR batches, run for example:
     python -m benchmarks.wrn_cifar --data /path/to/cifar-10-batches-py --dataset cifar10 --checkpoint run.pt
 On CPU, use a small network and few steps (e.g. --depth 10 --width 1 --epochs 1 --steps-per-epoch 5)."""
 
@@ -254,8 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"wrn_cifar: --device cuda was asked for, but no CUDA GPU is available here.\n{GPU_HOWTO}")
     if device.type != "cuda":
-        print(NO_GPU_MESSAGE.format(device=device), flush=True)
+        print(f"No CUDA GPU found: running on {device}.\n{GPU_HOWTO}", flush=True)
     else:
         torch.backends.cudnn.benchmark = True
 

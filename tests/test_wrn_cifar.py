@@ -12,6 +12,15 @@ from benchmarks.wide_resnet import WideResNet
 from ndadam_fused import NDAdam
 from ndadam_fused.nn import BatchNormSoftmax
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny convolutions: one thread is as fast, and far faster on a CI machine whose cores are busy.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY = ["--synthetic", "--synthetic-size", "64", "--depth", "10", "--width", "1", "--batch-size", "16",
         "--steps-per-epoch", "2", "--no-progress", "--device", "cpu"]
 
@@ -56,6 +65,8 @@ def test_synthetic_run_trains_and_says_there_is_no_gpu(capsys, monkeypatch):
     assert all(np.isfinite(r["train_loss"]) and 0 <= r["test_error"] <= 1 for r in records)
     # Cosine schedule over 2 epochs: half the initial lrs after the first, zero after the second.
     assert records[0]["lr"] == pytest.approx([0.025, 0.0005]) and records[1]["lr"] == pytest.approx([0.0, 0.0])
+    with pytest.raises(SystemExit, match="--device cuda was asked for, but no CUDA GPU(.|\n)*--data /path/to"):
+        wrn_cifar.main([a for a in TINY if a != "cpu"] + ["cuda"])
 
 
 def test_help_says_how_to_run_on_a_gpu(capsys):
