@@ -1,7 +1,7 @@
 """The paper's experiment at CPU scale: does ND-Adam (and regularized softmax) generalize like SGD?
 
-    python -m benchmarks.generalization            # the full run (about 30-60 min on 2 CPU cores)
-    python -m benchmarks.generalization --quick    # the short version (`make demo`)
+    python -m benchmarks.generalization            # the full run (23.5 min on 2 shared CPU cores)
+    python -m benchmarks.generalization --quick    # the short version (`make demo`, about 1 min)
 
 A small wide residual network with batch norm (WRN-10-1 of ``benchmarks/wide_resnet.py``) is
 trained on two data sets that ship inside pip packages, so nothing is downloaded:
