@@ -1,6 +1,8 @@
 # Fresh machine: `make test` creates .venv, installs torch and the package with its test
 # extras, builds the C++ CPU kernel in place, compiles the CUDA kernel for sm_90 with nvcc (no
-# GPU needed), runs the C++ row-math test and the suite. `make demo` runs the main job.
+# GPU needed), runs the C++ row-math test and the suite. `make demo` runs the main job: the
+# short version of the paper's experiment (benchmarks/generalization.py --quick); `make
+# experiment` runs the full one.
 PYTHON    ?= python3
 VENV      := .venv
 PY        := $(VENV)/bin/python
@@ -9,13 +11,13 @@ CUDA_HOME ?= /usr/local/cuda-13.0
 CSRC      := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
 EXTENSION := ndadam_fused/_C.abi3.so
 
-.PHONY: install extension cuda-compile cpp-test test demo clean
+.PHONY: install extension cuda-compile cpp-test test demo experiment clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet "$(TORCH)" ninja
-	NDADAM_NO_EXTENSION=1 $(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench]"
+	NDADAM_NO_EXTENSION=1 $(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,experiment]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -41,8 +43,13 @@ cpp-test:
 test: install extension cuda-compile cpp-test
 	$(PY) -m pytest -n 2 tests
 
-demo: install
-	$(PY) -m benchmarks.mlp_demo
+# The main job: the paper's experiment, short version (about a minute on 2 CPU cores).
+demo: install extension
+	$(PY) -m benchmarks.generalization --quick
+
+# The full run (about 25 minutes on 2 CPU cores); it rewrites benchmarks/results/generalization/.
+experiment: install extension
+	nice $(PY) -m benchmarks.generalization
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(EXTENSION)
