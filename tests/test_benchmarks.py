@@ -42,3 +42,28 @@ def test_unknown_set_or_candidate_is_refused():
         step.parse_args(["--sets", "resnet-9000"])
     with pytest.raises(SystemExit):
         step.parse_args(["--candidates", "sgd"])
+
+
+def _rows(device, candidate_values):
+    rows = []
+    for candidate, values in candidate_values.items():
+        rows.append({"set": "gpt2-medium" if device == "cuda" else "gpt2-small", "device": device, "candidate": candidate, **values})
+    return rows
+
+
+def test_targets_are_judged_from_the_csv_rows():
+    from benchmarks.check_targets import check
+
+    gpu = check(_rows("cuda", {
+        "ndadam-triton": {"copy_fraction": "0.9", "speedup_vs_adam-fused": "1.5", "median_ms": "2.0"},
+        "ndadam-native": {"copy_fraction": "0.8", "speedup_vs_adam-fused": "1.2", "median_ms": "2.2"},
+    }))
+    verdicts = {name: met for name, met, _ in gpu}
+    assert verdicts["ndadam-triton: >= 85% of copy bandwidth"] is True
+    assert verdicts["ndadam-triton: <= 0.8x Adam(fused=True) time"] is True
+    assert verdicts["ndadam-native: >= 85% of copy bandwidth"] is False
+    assert verdicts["ndadam-native: <= 0.8x Adam(fused=True) time"] is False
+    assert verdicts["native no slower than triton"] is False
+    cpu = check(_rows("cpu", {"ndadam-native": {"speedup_vs_adam-fused": "1.4", "speedup_vs_ndadam-reference": "4"}}))
+    assert [met for _, met, _ in cpu] == [True, False]
+    assert check(_rows("cpu", {"adam-fused": {}}))[0][1] is None
