@@ -47,7 +47,7 @@ stage cuda-kernel-present 60 "$PY" -c "import torch, ndadam_fused._C as C; asser
 
 # Triton compiles for the GPU here: no interpreter. Only the CUDA cases (CI runs the CPU ones).
 export TRITON_INTERPRET=0
-stage tests-cuda 240 "$PY" -m pytest -q -rs -p no:cacheprovider tests -k "cuda" --junitxml="$OUT/tests_cuda.xml"
+stage tests-cuda 240 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_triton.py tests/test_native.py -k "cuda" --junitxml="$OUT/tests_cuda.xml"
 # ... and a skipped CUDA test counts as a failure.
 stage no-cuda-test-skipped 10 "$PY" -c "import sys, xml.etree.ElementTree as ET; r = ET.parse(sys.argv[1]).getroot(); s = r if r.tag == 'testsuite' else r[0]; n = int(s.get('skipped', 0)); print(n, 'skipped'); sys.exit(n > 0)" "$OUT/tests_cuda.xml"
 
