@@ -36,7 +36,10 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log, remember
 cat "$OUT/gpu_env.txt" | tee -a "$LOG"
 
 # The extension (csrc/) is built for this GPU only, with every core.
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null) || TORCH_CUDA_ARCH_LIST="9.0"
+fi
+export TORCH_CUDA_ARCH_LIST
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}"
 # A failed compile of the extension must fail here, not fall back to a pure-Python install.
