@@ -11,13 +11,8 @@ from benchmarks import generalization as g
 from ndadam_fused import NDAdam
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions: one thread is as fast, and far faster on a CI machine whose cores are busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny convolutions: one thread is as fast, and far faster on a CI machine whose cores are busy.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

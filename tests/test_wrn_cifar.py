@@ -12,13 +12,8 @@ from benchmarks.wide_resnet import WideResNet
 from ndadam_fused import NDAdam
 from ndadam_fused.nn import BatchNormSoftmax
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions: one thread is as fast, and far faster on a CI machine whose cores are busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny convolutions: one thread is as fast, and far faster on a CI machine whose cores are busy.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = ["--synthetic", "--synthetic-size", "64", "--depth", "10", "--width", "1", "--batch-size", "16",
