@@ -20,6 +20,7 @@ import functools
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import Optimizer
 
 from .scalars import adam_step
 
@@ -107,13 +108,10 @@ def vector_step(
     eps: float,
 ) -> None:
     """θ^v update of Algorithm 1: one op call (one kernel launch) per (device, dtype)."""
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for index, param in enumerate(params):
-        groups.setdefault((param.device, param.dtype), []).append(index)
-
-    for (device, _), indices in groups.items():
-        group_params = [params[i] for i in indices]
-        group_exp_avgs = [exp_avgs[i] for i in indices]
+    # torch's own grouping (C++, as its fused optimizers use): by the params' (device, dtype).
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
+    for (device, _), ((group_params, group_grads, group_exp_avgs, group_exp_avg_sqs, group_steps), _) in grouped.items():
+        group_params, group_exp_avgs = list(group_params), list(group_exp_avgs)
         # The kernels walk rows of contiguous memory. A non-contiguous param (a channels_last
         # conv weight) is stepped through a contiguous copy and copied back.
         copied = [
@@ -125,10 +123,10 @@ def vector_step(
             group_exp_avgs[i] = group_exp_avgs[i].contiguous()
         torch.ops.ndadam_fused.vector_step_(
             group_params,
-            [grads[i].contiguous() for i in indices],
+            [g.contiguous() for g in group_grads],
             group_exp_avgs,
-            [exp_avg_sqs[i] for i in indices],
-            [state_steps[i] for i in indices],
+            list(group_exp_avg_sqs),
+            list(group_steps),
             _lr_tensor(lr, device),
             beta1,
             beta2,

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.optim.optimizer import Optimizer
 
 from .scalars import adam_step
 
@@ -370,23 +371,19 @@ def vector_step(
     ``single_pass_max`` overrides :data:`SINGLE_PASS_MAX` (tests force each path with it).
     """
     limit = SINGLE_PASS_MAX if single_pass_max is None else single_pass_max
-    by_device_and_dtype: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for index, (p, m, s) in enumerate(zip(params, exp_avgs, state_steps)):
+    for p, m, s in zip(params, exp_avgs, state_steps):
         if s.device != p.device:
             raise RuntimeError(f"NDAdam triton backend: the step of a parameter of shape {list(p.shape)} is on {s.device}, the parameter on {p.device}")
         if not m.is_contiguous():
             raise RuntimeError(f"NDAdam triton backend: exp_avg of a parameter of shape {list(p.shape)} is not contiguous")
-        by_device_and_dtype.setdefault((p.device, p.dtype), []).append(index)
 
-    for (device, dtype), indices in by_device_and_dtype.items():
-        group_params = [params[i] for i in indices]
+    # torch's own grouping (C++, as its fused optimizers use): by the params' (device, dtype).
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
+    for (device, _), ((group_params, group_grads, group_exp_avgs, group_exp_avg_sqs, group_steps), _) in grouped.items():
         # The kernel addresses rows as base + row * row_len: non-contiguous params are updated
         # through a contiguous copy, and written back.
         work = [p if p.is_contiguous() else p.contiguous() for p in group_params]
-        group_grads = [grads[i].contiguous() for i in indices]
-        group_exp_avgs = [exp_avgs[i] for i in indices]
-        group_exp_avg_sqs = [exp_avg_sqs[i] for i in indices]
-        group_steps = [state_steps[i] for i in indices]
+        group_grads = [g.contiguous() for g in group_grads]
         torch._foreach_add_(group_steps, 1.0)
         table = row_table(work, group_grads, group_exp_avgs, group_exp_avg_sqs, group_steps, limit)
         _set_hyper(table, lr, beta1, beta2, eps)
