@@ -130,6 +130,19 @@ NDADAM_HOST_DEVICE acc_t inverse_norm(acc_t sq_norm) {
   return acc_t(1) / square_root(sq_norm);
 }
 
+// What the new row is w̄ times: 1 / ||w̄||, or exactly 1 where the update is exactly zero (lr = 0,
+// or m' = 0 on the whole row, e.g. a step with zero gradients from fresh state, which
+// distributed checkpointing runs to create state). There w̄ = w, and dividing it by its norm would
+// only move rounding bits of a row that did not change. `m_new_magnitude` is any sum that is 0
+// exactly when every element of m' is (Σ|m'|, or ||m'||² from the closed form).
+template <typename acc_t>
+NDADAM_HOST_DEVICE acc_t row_scale(acc_t w_bar_sq_norm, acc_t m_new_magnitude, const StepScalars<acc_t>& k) {
+  if (k.lr_over_bias_correction1 == acc_t(0) || !(m_new_magnitude > acc_t(0))) {
+    return acc_t(1);
+  }
+  return inverse_norm(w_bar_sq_norm);
+}
+
 // ---- The statistics path (long rows): section 4's closed forms -----------------------------
 
 // The six dot products one read of (w, ḡ, m) gives.
@@ -148,7 +161,7 @@ template <typename acc_t>
 struct RowUpdate {
   acc_t exp_avg_sq;    // v'
   acc_t step_size;     // s
-  acc_t inverse_norm;  // 1 / ||w̄||
+  acc_t inverse_norm;  // 1 / ||w̄|| (1 where the update is exactly zero: see row_scale)
 };
 
 // From the six statistics to (v', s, 1/||w̄||) without a second look at the row:
@@ -178,7 +191,7 @@ NDADAM_HOST_DEVICE RowUpdate<acc_t> update_from_statistics(const RowStatistics<a
   const acc_t w_dot_m_new = k.beta1 * st.m_dot_w + k.one_minus_beta1 * w_dot_g;
   const acc_t s = update.step_size;
   const acc_t w_bar_sq_norm = st.w_dot_w - acc_t(2) * s * w_dot_m_new + s * s * m_new_sq_norm;
-  update.inverse_norm = inverse_norm(w_bar_sq_norm);
+  update.inverse_norm = row_scale(w_bar_sq_norm, m_new_sq_norm, k);
   return update;
 }
 

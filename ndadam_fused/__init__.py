@@ -10,6 +10,7 @@ from . import nn
 from .backends import BACKEND_NAMES, available_backends
 from .grouping import param_groups
 from .optimizer import NDAdam, ndadam
+from .rows import normalize_rows_
 
-__all__ = ["NDAdam", "ndadam", "param_groups", "BACKEND_NAMES", "available_backends"]
+__all__ = ["NDAdam", "ndadam", "normalize_rows_", "param_groups", "BACKEND_NAMES", "available_backends"]
 __version__ = "0.1.0"

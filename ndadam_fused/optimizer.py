@@ -5,8 +5,8 @@ group splitting, lazy state), a functional :func:`ndadam` that picks an implemen
 one module per implementation under :mod:`ndadam_fused.backends`.
 
 The math is Algorithm 1 of Zhang, "Improved Adam Optimizer for Deep Neural Networks"; see
-``DESIGN.md`` section 1. Every row of a vector tensor (``p.reshape(p.shape[0], -1)``) is one
-hidden unit's input weight vector ``w``; per step::
+``DESIGN.md`` section 1. Every row of a vector tensor (one per hidden unit, see
+:mod:`ndadam_fused.rows`) is one hidden unit's input weight vector ``w``; per step::
 
     g   = ḡ - (ḡ·w) w
     m   = β1 m + (1-β1) g                  (per element)
@@ -20,7 +20,9 @@ weight decay, computed by ``torch.optim``'s own functional Adam.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+import warnings
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import backends
+from .rows import RowMajorViews, new_exp_avg, normalize_rows_, row_length, state_dtype, zero_rows
 
 __all__ = ["NDAdam", "ndadam"]
 
@@ -46,52 +49,34 @@ def _describe(param: Tensor, name: str | None, group_index: int, param_index: in
 def _check_hyperparameters(
     *, lr: Any, betas: Any, eps: Any, weight_decay: Any, backend: Any, where: str, lr_name: str = "lr"
 ) -> None:
-    def _is_number(value: Any) -> bool:
-        return isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1)
+    def _is_finite_number(value: Any, low: float = 0.0) -> bool:
+        if isinstance(value, Tensor):
+            if value.numel() != 1 or not value.is_floating_point():
+                return False
+            value = float(value)
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        return math.isfinite(value) and value >= low
 
-    if not _is_number(lr) or not float(lr) >= 0.0:
-        raise ValueError(f"{where}: invalid {lr_name}: {lr!r} (must be a number >= 0)")
-    if not _is_number(eps) or not float(eps) >= 0.0:
-        raise ValueError(f"{where}: invalid eps: {eps!r} (must be a number >= 0)")
-    if not _is_number(weight_decay) or not float(weight_decay) >= 0.0:
-        raise ValueError(f"{where}: invalid weight_decay: {weight_decay!r} (must be >= 0)")
+    if not _is_finite_number(lr):
+        raise ValueError(f"{where}: invalid {lr_name}: {lr!r} (must be a finite number >= 0)")
+    if not _is_finite_number(eps):
+        raise ValueError(f"{where}: invalid eps: {eps!r} (must be a finite number >= 0)")
+    if not _is_finite_number(weight_decay):
+        raise ValueError(f"{where}: invalid weight_decay: {weight_decay!r} (must be a finite number >= 0)")
     if (
         not isinstance(betas, (tuple, list))
         or len(betas) != 2
-        or not all(_is_number(b) and 0.0 <= float(b) < 1.0 for b in betas)
+        or not all(_is_finite_number(b) and float(b) < 1.0 for b in betas)
     ):
         raise ValueError(f"{where}: invalid betas: {betas!r} (must be two numbers in [0, 1))")
     backends.check_name(backend, where=where)
 
 
-def _row_view(tensor: Tensor) -> Tensor:
-    """A vector tensor as [rows, row_length]: each row is one hidden unit's input weights."""
-    return tensor.reshape(tensor.shape[0], -1)
-
-
-def _state_dtype(param: Tensor, vector: bool) -> torch.dtype:
-    """Vector state is fp32 (fp64 for fp64 params); scalar state follows torch.optim.Adam."""
-    if not vector:
-        return param.dtype
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
-
-
-def _unit_tolerance(dtype: torch.dtype, row_length: int) -> float:
-    """How far from 1 a row's norm may be for the row to count as already unit.
-
-    Dividing such a row again would only move rounding bits; leaving it alone keeps a resumed
-    run bit-exact in whichever order the model and the optimizer are rebuilt. A step's output
-    rows were measured within 3 eps (fp32) and 9 eps (fp64) of unit norm at 20,000 elements.
-    A row of length 1 is always divided: x / |x| is exactly ±1.
-    """
-    if row_length <= 1:
-        return 0.0
-    return 4.0 * torch.finfo(dtype).eps * (1.0 + row_length**0.5 / 32.0)
-
-
 def _check_param(
-    param: Any, name: str | None, vector: bool, group_index: int, param_index: int
+    param: Any, name: str | None, vector: bool, unit_dim: int, group_index: int, param_index: int
 ) -> None:
+    """Everything about one tensor that can be checked before a step; raises, never modifies."""
     if not isinstance(param, Tensor):
         raise TypeError(
             f"NDAdam can only optimize Tensors, but param_groups[{group_index}]['params']"
@@ -100,7 +85,7 @@ def _check_param(
     where = _describe(param, name, group_index, param_index)
     if param.is_complex() or not param.is_floating_point():
         raise ValueError(f"NDAdam: {where} has dtype {param.dtype}; ND-Adam needs real floating-point tensors")
-    if not vector or param.numel() == 0:
+    if not vector:
         return
     if param.dim() < 2:
         raise ValueError(
@@ -108,25 +93,49 @@ def _check_param(
             "a vector tensor needs at least 2 dims (one row per hidden unit). Put it in a group "
             "with 'vector': False to update it with Adam."
         )
-    norms = _row_view(param.detach()).to(_state_dtype(param, True)).norm(dim=1)
-    zero_rows = (norms == 0).nonzero().flatten()
-    if zero_rows.numel() > 0:
+    if not 0 <= unit_dim < param.dim():
         raise ValueError(
-            f"NDAdam: {where} has an all-zero row ({zero_rows.numel()} in all, the first is row "
-            f"{int(zero_rows[0])}); ND-Adam keeps every row at unit norm and a zero row cannot be "
-            "normalized. Initialize it with nonzero values, or pass it in a param group with "
-            "'vector': False to update it with Adam."
+            f"NDAdam: {where} is in a group with 'unit_dim': {unit_dim}, but it has {param.dim()} dims; "
+            "unit_dim is the dim that indexes hidden units (0 for nn.Linear and convs, 1 for [in, out] weights)"
         )
+    if param.numel() == 0:
+        return
+    if row_length(param, unit_dim) == 1:
+        warnings.warn(
+            f"NDAdam: {where} has rows of length 1 along unit_dim {unit_dim}: ND-Adam keeps such a row at "
+            "±1 forever (a direction in one dimension cannot change), so it will never train. Put it in a "
+            "group with 'vector': False to update it with Adam.",
+            stacklevel=4,
+        )
+    if param.requires_grad:
+        _check_zero_rows(param, unit_dim, where)
+
+
+def _check_zero_rows(param: Tensor, unit_dim: int, where: str) -> None:
+    count, first = zero_rows(param, unit_dim)
+    if count:
+        raise ValueError(
+            f"NDAdam: {where} has an all-zero row ({count} in all, the first is row {first}); ND-Adam "
+            "keeps every row at unit norm and a zero row cannot be normalized. Initialize it with "
+            "nonzero values, or pass it in a param group with 'vector': False to update it with Adam."
+        )
+
+
+def _is_automatic_vector(param: Tensor, unit_dim: int) -> bool:
+    """The automatic split: tensors with 2+ dims are vectors, unless their rows have length 1."""
+    return param.dim() >= 2 and unit_dim < param.dim() and (param.numel() == 0 or row_length(param, unit_dim) > 1)
 
 
 def _split_param_group(
     param_group: dict[str, Any], defaults: dict[str, Any], group_index: int
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], bool]:
     """Check a user's param group and split it into vector and scalar groups (no side effects).
 
-    A group that carries ``"vector"`` is kept whole. A group without it becomes a vector group
-    (the tensors with ``dim() >= 2``, lr = ``vector_lr`` when given) and a scalar group, each
-    with its own ``"lr"`` so that every lr scheduler schedules both.
+    A group that carries ``"vector"`` is kept whole; a vector group without an ``"lr"`` of its
+    own takes ``vector_lr`` when one is given. A group without ``"vector"`` becomes a vector
+    group (tensors with 2+ dims whose rows are longer than 1; lr = ``vector_lr`` when given) and
+    a scalar group, each with its own ``"lr"`` so that every lr scheduler schedules both.
+    Returns the pieces and whether the constructor's ``vector_lr`` set a piece's lr.
     """
     if not isinstance(param_group, dict):
         raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
@@ -142,6 +151,7 @@ def _split_param_group(
     settings = {**defaults, **{k: v for k, v in param_group.items() if k != "params"}}
     where = f"NDAdam param_groups[{group_index}]"
     vector_lr = settings.pop("vector_lr", None)
+    group_vector_lr = param_group.get("vector_lr")
     if vector_lr is not None:
         _check_hyperparameters(
             lr=vector_lr, betas=settings["betas"], eps=settings["eps"],
@@ -152,6 +162,9 @@ def _split_param_group(
         lr=settings["lr"], betas=settings["betas"], eps=settings["eps"],
         weight_decay=settings["weight_decay"], backend=settings["backend"], where=where,
     )
+    unit_dim = settings.setdefault("unit_dim", 0)
+    if not isinstance(unit_dim, int) or isinstance(unit_dim, bool) or unit_dim < 0:
+        raise ValueError(f"{where}: 'unit_dim' must be an int >= 0, got {unit_dim!r}")
 
     if settings["backend"] != "auto":
         for param in tensors:
@@ -166,64 +179,74 @@ def _split_param_group(
         vector = param_group["vector"]
         if not isinstance(vector, bool):
             raise ValueError(f"{where}: 'vector' must be True or False, got {vector!r}")
+        if group_vector_lr is not None and (not vector or "lr" in param_group):
+            raise ValueError(
+                f"{where}: the group sets 'vector_lr' but "
+                + ("it is a scalar group ('vector': False)" if not vector else "also its own 'lr'")
+                + "; vector_lr is the lr of vector groups that have no 'lr' of their own. Set 'lr' only."
+            )
         for i, (param, name) in enumerate(zip(tensors, names)):
-            _check_param(param, name, vector, group_index, i)
-        return [{**settings, "params": params, "vector": vector}]
+            _check_param(param, name, vector, unit_dim, group_index, i)
+        lr_from_vector_lr = vector and "lr" not in param_group and vector_lr is not None
+        lr = vector_lr if lr_from_vector_lr else settings["lr"]
+        piece = {**settings, "params": params, "vector": vector, "lr": lr}
+        return [piece], lr_from_vector_lr and group_vector_lr is None
 
+    is_vector = [isinstance(p, Tensor) and _is_automatic_vector(p, unit_dim) for p in tensors]
     for i, (param, name) in enumerate(zip(tensors, names)):
-        _check_param(param, name, False, group_index, i)
-    is_vector = [p.dim() >= 2 for p in tensors]
-    for i, (param, name) in enumerate(zip(tensors, names)):
-        if is_vector[i]:
-            _check_param(param, name, True, group_index, i)
+        _check_param(param, name, is_vector[i], unit_dim, group_index, i)
     vector_params = [p for p, v in zip(params, is_vector) if v]
     scalar_params = [p for p, v in zip(params, is_vector) if not v]
+    if group_vector_lr is not None and not vector_params:
+        raise ValueError(
+            f"{where}: the group sets 'vector_lr' but holds no vector tensor (tensors with 2+ dims whose "
+            "rows are longer than 1); remove vector_lr or pass the weights it is meant for"
+        )
     pieces = []
     if vector_params:
         lr = settings["lr"] if vector_lr is None else vector_lr
         pieces.append({**settings, "params": vector_params, "vector": True, "lr": lr})
     if scalar_params or not vector_params:
         pieces.append({**settings, "params": scalar_params, "vector": False})
-    return pieces
+    return pieces, bool(vector_params) and vector_lr is not None and group_vector_lr is None
 
 
-@torch.no_grad()
-def _normalize_rows_(param: Tensor) -> None:
-    """Algorithm 1's initialization: divide every row by its L2 norm, in place."""
-    if param.numel() == 0:
-        return
-    rows = _row_view(param).to(_state_dtype(param, True))
-    norms = rows.norm(dim=1, keepdim=True)
-    # Judged in fp64 so that the check itself adds no rounding of its own.
-    tolerance = _unit_tolerance(param.dtype, rows.shape[1])
-    already_unit = (_row_view(param).double().norm(dim=1, keepdim=True) - 1).abs() <= tolerance
-    param.copy_((rows / torch.where(already_unit, torch.ones_like(norms), norms)).view(param.shape))
+def _tensor_of(param: Any) -> Any:
+    return param[1] if isinstance(param, tuple) else param
 
 
 class NDAdam(Optimizer):
     r"""Normalized direction-preserving Adam (ND-Adam).
 
-    Tensors with ``dim() >= 2`` are *vector* tensors: each row of ``p.reshape(p.shape[0], -1)``
-    (a Linear weight's row, a conv kernel's output channel) is kept at unit L2 norm and updated
-    along its tangent space with a per-element first moment and ONE second moment per row.
+    Tensors with ``dim() >= 2`` are *vector* tensors: each hidden unit's input weights (a
+    Linear weight's row, a conv kernel's output channel) are kept at unit L2 norm and updated
+    along their tangent space with a per-element first moment and ONE second moment per unit.
     Every other tensor is a *scalar* and is updated by Adam with L2 weight decay.
 
     Args:
         params: tensors, ``(name, tensor)`` pairs, or param-group dicts. A group with
-            ``"vector": True/False`` is kept as it is; a group without that key is split into a
-            vector group (lr = ``vector_lr`` when given) and a scalar group.
+            ``"vector": True/False`` is kept as it is (a vector group without an ``"lr"`` of its
+            own takes ``vector_lr``); a group without that key is split into a vector group
+            (lr = ``vector_lr`` when given) and a scalar group. A group may set ``"unit_dim"``:
+            the dim of its tensors that indexes hidden units (default 0; 1 for weights stored
+            ``[in, out]`` such as Hugging Face's ``Conv1D``: :func:`ndadam_fused.param_groups`
+            sets it). Tensors whose rows have length 1 are scalars in the automatic split.
         lr: learning rate of scalar groups, and of vector groups when ``vector_lr`` is None.
-        vector_lr: learning rate of the vector groups made by splitting. The paper's official
-            code uses 50x the scalar lr.
+        vector_lr: learning rate of the vector groups that have no ``"lr"`` of their own. The
+            paper's official code uses 50x the scalar lr. Given but used by no group, it is an
+            error rather than silently dropped.
         betas: ``(β1, β2)``, each in [0, 1).
         eps: added to ``sqrt(v̂)``.
         weight_decay: L2 penalty for scalars. On vectors it is a no-op: the projection removes
             ``λw`` exactly, since every row has unit norm.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"native"``; see
-            :func:`ndadam_fused.backends.available_backends`.
+            :func:`ndadam_fused.backends.available_backends`. It belongs to this machine: loading
+            a state dict keeps it.
 
-    Rows of vector tensors are normalized in place at construction. When resuming, build the
-    model and the optimizer, then load both state dicts: the run continues bit for bit.
+    Rows of trainable vector tensors are normalized in place at construction (frozen ones,
+    ``requires_grad=False``, are left untouched until their first step). Loading weights
+    into the model after building the optimizer: call :meth:`normalize_rows_`. When resuming,
+    build the model and the optimizer, then load both state dicts: the run continues bit for bit.
     """
 
     def __init__(
@@ -252,30 +275,56 @@ class NDAdam(Optimizer):
             param_groups = [{"params": param_groups}]
         # Check every group before torch's constructor adds (and normalizes) any of them, so
         # that an error in the last group leaves every tensor untouched.
-        seen: set[int] = set()
+        seen: dict[int, int] = {}
+        vector_lr_used = False
         for index, group in enumerate(param_groups):
-            for piece in _split_param_group(group, defaults, index):
-                for param in piece["params"]:
-                    tensor = param[1] if isinstance(param, tuple) else param
-                    if id(tensor) in seen:
-                        raise ValueError("some parameters appear in more than one parameter group")
-                    seen.add(id(tensor))
+            pieces, used = _split_param_group(group, defaults, index)
+            vector_lr_used |= used
+            self._check_no_repeats(pieces, index, seen)
+        if vector_lr is not None and not vector_lr_used:
+            raise ValueError(
+                f"NDAdam: vector_lr={vector_lr!r} is used by no param group: every vector group sets its "
+                "own 'lr' (or there is no vector tensor). Leave 'lr' out of the vector groups (e.g. "
+                "param_groups(model) without lr/vector_lr) or drop vector_lr."
+            )
+        self._row_buffers: MutableMapping[Tensor, Tensor] = {}
         super().__init__(param_groups, defaults)
+
+    @staticmethod
+    def _check_no_repeats(pieces: list[dict[str, Any]], group_index: int, seen: dict[int, int]) -> None:
+        """A tensor may appear once: a fused launch that writes the same rows twice would race."""
+        in_this_group: set[int] = set()
+        for piece in pieces:
+            for param_index, param in enumerate(piece["params"]):
+                tensor = _tensor_of(param)
+                key = id(tensor)
+                name = param[0] if isinstance(param, tuple) else None
+                if key in in_this_group:
+                    raise ValueError(
+                        f"NDAdam: {_describe(tensor, name, group_index, param_index)} appears twice in param "
+                        f"group {group_index}; pass each tensor once"
+                    )
+                if key in seen:
+                    raise ValueError(
+                        f"NDAdam: {_describe(tensor, name, group_index, param_index)} also appears in param group "
+                        f"{seen[key]}; some parameters appear in more than one parameter group"
+                    )
+                in_this_group.add(key)
+        for key in in_this_group:
+            seen[key] = group_index
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._row_buffers = {}
         for group in self.param_groups:
             group.setdefault("backend", "auto")
+            group.setdefault("unit_dim", 0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; a group without ``"vector"`` is split as in the constructor."""
-        pieces = _split_param_group(param_group, self.defaults, len(self.param_groups))
-        known = {id(p) for group in self.param_groups for p in group["params"]}
-        for piece in pieces:
-            for param in piece["params"]:
-                tensor = param[1] if isinstance(param, tuple) else param
-                if id(tensor) in known:
-                    raise ValueError("some parameters appear in more than one parameter group")
+        pieces, _ = _split_param_group(param_group, self.defaults, len(self.param_groups))
+        seen = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
+        self._check_no_repeats(pieces, len(self.param_groups), seen)
         added = 0
         try:
             for piece in pieces:
@@ -288,8 +337,26 @@ class NDAdam(Optimizer):
             # torch fills every default into the group; vector_lr has done its work in the split.
             group.pop("vector_lr", None)
             if group["vector"]:
-                for param in group["params"]:
-                    _normalize_rows_(param)
+                normalize_rows_([p for p in group["params"] if p.requires_grad and p.numel()], group["unit_dim"])
+
+    @torch.no_grad()
+    def normalize_rows_(self) -> None:
+        """Divide every row of every vector tensor by its norm (rows already unit are left as they are).
+
+        Needed after loading weights into the model once the optimizer exists (pretrained
+        weights, a model checkpoint loaded without the optimizer's): the step assumes unit rows.
+        An all-zero row raises before anything is modified.
+        """
+        groups = [g for g in self.param_groups if g["vector"]]
+        for group_index, group in enumerate(self.param_groups):
+            if group["vector"]:
+                names = group.get("param_names")
+                for param_index, param in enumerate(group["params"]):
+                    if param.numel():
+                        name = names[param_index] if names else None
+                        _check_zero_rows(param, group["unit_dim"], _describe(param, name, group_index, param_index))
+        for group in groups:
+            normalize_rows_([p for p in group["params"] if p.numel()], group["unit_dim"])
 
     def _init_group(
         self,
@@ -302,25 +369,35 @@ class NDAdam(Optimizer):
         state_steps: list[Tensor],
         created: list[Tensor],
     ) -> None:
-        """Collect the group's tensors that have a gradient, checking the gradient and creating
-        missing state (the params whose state is new go to ``created``, so that step() can
-        take it back when a later group raises)."""
+        """Collect the group's tensors that have a gradient, checking each gradient and creating
+        missing state (the params whose state is new go to ``created``, so that step() can take
+        it back when a later check raises)."""
         vector = group["vector"]
+        unit_dim = group.get("unit_dim", 0)
         for param_index, param in enumerate(group["params"]):
             grad = param.grad
             if grad is None or param.numel() == 0:
                 continue
-            if grad.layout is not torch.strided or grad.is_complex() or grad.shape != param.shape:
+            if (
+                grad.layout is not torch.strided
+                or grad.dtype is not param.dtype
+                or grad.device != param.device
+                or grad.shape != param.shape
+            ):
                 self._raise_for_gradient(group_index, group, param_index)
             state = self.state[param]
             if len(state) == 0:
                 created.append(param)
+                if vector:
+                    names = group.get("param_names")
+                    where = _describe(param, names[param_index] if names else None, group_index, param_index)
+                    _check_zero_rows(param, unit_dim, where)
                 # On the param's device, as fused Adam keeps it: the fused kernels read it there.
                 state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
                 if vector:
-                    dtype = _state_dtype(param, vector)
-                    state["exp_avg"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
-                    state["exp_avg_sq"] = torch.zeros(param.shape[0], dtype=dtype, device=param.device)
+                    dtype = state_dtype(param, vector)
+                    state["exp_avg"] = new_exp_avg(param, unit_dim, dtype)
+                    state["exp_avg_sq"] = torch.zeros(param.shape[unit_dim], dtype=dtype, device=param.device)
                 else:
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -329,6 +406,9 @@ class NDAdam(Optimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
+        if params:
+            for device in {p.device for p in params}:
+                backends.resolve(group["backend"], device)  # raises, saying how to get it, when missing
 
     @staticmethod
     def _raise_for_gradient(group_index: int, group: dict[str, Any], param_index: int) -> None:
@@ -338,6 +418,13 @@ class NDAdam(Optimizer):
             problem = "a sparse gradient; NDAdam supports dense gradients only"
         elif grad.is_complex():
             problem = f"a complex gradient ({grad.dtype}); ND-Adam is defined for real tensors"
+        elif grad.dtype is not param.dtype:
+            problem = (
+                f"a {grad.dtype} gradient for a {param.dtype} parameter; NDAdam needs gradients in the "
+                "parameter's dtype (cast the gradient, or keep the parameter in the gradient's dtype)"
+            )
+        elif grad.device != param.device:
+            problem = f"its gradient on {grad.device} but lives on {param.device}"
         else:
             problem = f"a gradient of shape {list(grad.shape)} that does not match the parameter"
         names = group.get("param_names")
@@ -348,6 +435,9 @@ class NDAdam(Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimization step.
 
+        Every gradient of every group is checked, and missing state created, before any tensor
+        is updated: an error leaves params and state as they were.
+
         Args:
             closure: re-evaluates the model and returns the loss (optional).
         """
@@ -356,7 +446,6 @@ class NDAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # Every group is checked before any is updated: a bad gradient raises with nothing modified.
         collected = []
         created: list[Tensor] = []
         try:
@@ -368,31 +457,47 @@ class NDAdam(Optimizer):
             for param in created:
                 del self.state[param]
             raise
+        # A vector tensor stepped for the first time has unit rows: normalized at construction
+        # (then this changes no bit), or frozen then and never normalized.
+        if created:
+            created_ids = {id(p) for p in created}
+            for group in self.param_groups:
+                if group["vector"]:
+                    normalize_rows_([p for p in group["params"] if id(p) in created_ids], group.get("unit_dim", 0))
         for group, (params, grads, exp_avgs, exp_avg_sqs, state_steps) in zip(self.param_groups, collected):
             beta1, beta2 = group["betas"]
             ndadam(
                 params, grads, exp_avgs, exp_avg_sqs, state_steps,
                 vector=group["vector"], lr=group["lr"], beta1=beta1, beta2=beta2,
-                eps=group["eps"], weight_decay=group["weight_decay"], backend=group["backend"],
+                eps=group["eps"], weight_decay=group["weight_decay"], unit_dim=group.get("unit_dim", 0),
+                backend=group["backend"], row_buffers=self._row_buffers,
             )
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; vector state keeps its fp32 (fp64) dtype whatever the param's dtype."""
+        """Load a state dict.
+
+        Vector state keeps its fp32 (fp64) dtype and row-contiguous layout whatever the param's
+        dtype; a plain-number ``step`` (older checkpoints) becomes a tensor; each group keeps the
+        backend it was built with (the backend belongs to this machine, not to the checkpoint).
+        """
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) == len(self.param_groups):
             id_to_param = {
-                saved_id: (param, saved_group.get("vector", group["vector"]), group_index, param_index)
+                saved_id: (
+                    param, saved_group.get("vector", group["vector"]), saved_group.get("unit_dim", 0),
+                    group_index, param_index,
+                )
                 for group_index, (saved_group, group) in enumerate(zip(saved_groups, self.param_groups))
                 for param_index, (saved_id, param) in enumerate(zip(saved_group["params"], group["params"]))
             }
             for saved_id, saved_state in state_dict["state"].items():
                 if saved_id not in id_to_param:
                     continue
-                param, vector, group_index, param_index = id_to_param[saved_id]
+                param, vector, unit_dim, group_index, param_index = id_to_param[saved_id]
                 expected = {
                     "exp_avg": tuple(param.shape),
-                    "exp_avg_sq": (param.shape[0],) if vector else tuple(param.shape),
+                    "exp_avg_sq": (param.shape[unit_dim],) if vector else tuple(param.shape),
                 }
                 for key, shape in expected.items():
                     value = saved_state.get(key)
@@ -405,17 +510,28 @@ class NDAdam(Optimizer):
                         )
         else:
             id_to_param = {}
+        machine_backends = [group["backend"] for group in self.param_groups]
         super().load_state_dict(state_dict)
+        self._row_buffers = {}
+        for group, backend in zip(self.param_groups, machine_backends):
+            group["backend"] = backend
+            group.setdefault("unit_dim", 0)
         # torch casts every floating state tensor to the param's dtype; vector state stays fp32.
         for saved_id, saved_state in state_dict["state"].items():
             if saved_id not in id_to_param:
                 continue
-            param, vector, _, _ = id_to_param[saved_id]
-            for key in ("exp_avg", "exp_avg_sq"):
-                self.state[param][key] = saved_state[key].to(device=param.device, dtype=_state_dtype(param, vector))
-            step = self.state[param].get("step")
-            if isinstance(step, Tensor):
-                self.state[param]["step"] = step.to(device=param.device, dtype=torch.float32)
+            param, vector, unit_dim, _, _ = id_to_param[saved_id]
+            state = self.state[param]
+            dtype = state_dtype(param, vector)
+            if vector:
+                state["exp_avg"] = new_exp_avg(param, unit_dim, dtype).copy_(saved_state["exp_avg"])
+            else:
+                state["exp_avg"] = saved_state["exp_avg"].to(device=param.device, dtype=dtype)
+            state["exp_avg_sq"] = saved_state["exp_avg_sq"].to(device=param.device, dtype=dtype)
+            step = saved_state.get("step")
+            if step is not None:
+                step_value = step if isinstance(step, Tensor) else torch.tensor(float(step))
+                state["step"] = step_value.to(device=param.device, dtype=torch.float32).reshape(())
 
 
 def ndadam(
@@ -431,30 +547,36 @@ def ndadam(
     beta2: float,
     eps: float,
     weight_decay: float = 0.0,
+    unit_dim: int = 0,
     backend: str = "auto",
+    row_buffers: MutableMapping[Tensor, Tensor] | None = None,
 ) -> None:
     r"""Functional ND-Adam: one step over one group's tensors, in place.
 
     Args:
         params: the group's tensors that have a gradient.
-        grads: their gradients (never modified).
+        grads: their gradients (never modified), in the params' dtypes and on their devices.
         exp_avgs: first moments, shaped like ``params`` (fp32 for vectors, fp64 for fp64).
-        exp_avg_sqs: second moments: shape ``[p.shape[0]]`` for vectors, ``p.shape`` for scalars.
+        exp_avg_sqs: second moments: shape ``[p.shape[unit_dim]]`` for vectors, ``p.shape`` for scalars.
         state_steps: one 0-dim step tensor per param; each is incremented.
         vector: True for a vector group (Algorithm 1), False for scalars (Adam with L2).
         weight_decay: applied to scalars only; on unit rows it is removed by the projection.
+        unit_dim: the dim of the vector tensors that indexes hidden units (their rows).
         backend: a name from :data:`ndadam_fused.backends.BACKEND_NAMES` or ``"auto"``.
+        row_buffers: where to keep the contiguous work copies of params whose rows are not
+            contiguous in memory, from step to step (see :class:`ndadam_fused.rows.RowMajorViews`).
     """
     if not params:
         return
     implementation = backends.resolve(backend, params[0].device)
     if vector:
+        views = RowMajorViews(params, grads, exp_avgs, unit_dim, row_buffers)
         implementation.vector_step(
-            params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps
+            views.params, views.grads, views.exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps
         )
+        views.finish()
     else:
         implementation.scalar_step(
             params, grads, exp_avgs, exp_avg_sqs, state_steps,
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         )
-

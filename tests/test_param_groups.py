@@ -53,6 +53,8 @@ def test_every_trainable_parameter_appears_exactly_once():
 def test_vector_lr_defaults_to_lr_and_options_reach_both_groups():
     groups = param_groups(TinyNet(), lr=0.01, weight_decay=5e-4, betas=(0.9, 0.99))
     assert [g["lr"] for g in groups] == [0.01, 0.01]
+    # Without lr or vector_lr the groups carry none: NDAdam's lr and vector_lr apply.
+    assert all("lr" not in g for g in param_groups(TinyNet()))
     assert all(g["weight_decay"] == 5e-4 and g["betas"] == (0.9, 0.99) for g in groups)
     with pytest.raises(ValueError, match="'vector'"):
         param_groups(TinyNet(), vector=True)
@@ -86,13 +88,22 @@ def test_exclude_name_that_matches_nothing_is_an_error():
         param_groups(TinyNet(), exclude_names=["hed.weight"])
 
 
-def test_a_shared_weight_is_listed_once_and_an_exclusion_of_either_owner_wins():
+@pytest.mark.parametrize("order", ["embedding-first", "head-first"])
+def test_a_weight_tied_between_an_embedding_and_a_head_is_an_embedding(order):
     embed = nn.Embedding(10, 4)
     decoder = nn.Linear(4, 10, bias=False)
-    decoder.weight = embed.weight  # tied input and output embeddings
-    model = nn.ModuleDict({"embed": embed, "decoder": decoder})
-    assert _names(param_groups(model)) == {True: ["embed.weight"]}
-    assert _names(param_groups(model, exclude=(nn.Embedding,))) == {False: ["embed.weight"]}
+    decoder.weight = embed.weight  # tied input and output embeddings (GPT-2's wte and lm_head)
+    modules = {"embed": embed, "decoder": decoder}
+    if order == "head-first":
+        modules = dict(reversed(list(modules.items())))
+    model = nn.ModuleDict(modules)
+    first_name = next(iter(modules)) + ".weight"
+    assert _names(param_groups(model)) == {False: [first_name]}
+    assert _names(param_groups(model, exclude=(nn.Embedding,))) == {False: [first_name]}
+    # Two Linear layers sharing one weight are both vector owners: it stays a vector.
+    shared = nn.ModuleDict({"a": nn.Linear(4, 6), "b": nn.Linear(4, 6)})
+    shared.b.weight = shared.a.weight
+    assert _names(param_groups(shared))[True] == ["a.weight"]
 
 
 def test_ndadam_accepts_the_groups_and_treats_them_as_given():

@@ -71,7 +71,7 @@ NDADAM_ALWAYS_INLINE void prefetch_block(const T* data, int64_t start, int64_t e
 //   1. a = ḡ·w
 //   2. g = ḡ - a w (never stored); ||g||²; m' = β1 m + (1-β1) g, stored
 //   3. ||w̄||² with w̄ = w - s m' (recomputed rather than stored: it is in cache)
-//   4. w' = w̄ / ||w̄||
+//   4. w' = w̄ / ||w̄|| (w' = w where the update is exactly zero: row_scale)
 // Sweeps 2, 3 and 4 read this row from cache, so each prefetches one array of the next row
 // (w, ḡ, m: one array per sweep, so that the prefetches never queue up behind each other): the
 // memory system works on row r+1 while the core finishes row r. Measured on one core of a Xeon
@@ -92,17 +92,22 @@ NDADAM_ALWAYS_INLINE void exact_row_step(param_t* __restrict__ w, const param_t*
   }
 
   acc_t grad_sq_norm = 0;
+  acc_t m_new_abs_sum = 0;  // Σ|m'|: 0 exactly when the update is (see row_scale)
   for (int64_t start = 0; start < row_length; start += kSumBlock) {
     const int64_t end = std::min(start + kSumBlock, row_length);
     prefetch_block(next.w, start, end, row_length);
     acc_t partial = 0;
-#pragma omp simd reduction(+ : partial)
+    acc_t abs_partial = 0;
+#pragma omp simd reduction(+ : partial, abs_partial)
     for (int64_t i = start; i < end; ++i) {
       const acc_t g = projected_gradient(load<param_t, acc_t>(grad, i), load<param_t, acc_t>(w, i), grad_dot_w);
       partial += g * g;
-      m[i] = first_moment_update(m[i], g, k);
+      const acc_t m_new = first_moment_update(m[i], g, k);
+      abs_partial += m_new < acc_t(0) ? -m_new : m_new;
+      m[i] = m_new;
     }
     grad_sq_norm += partial;
+    m_new_abs_sum += abs_partial;
   }
 
   const acc_t v_new = second_moment_update(*v, grad_sq_norm, k);
@@ -121,7 +126,7 @@ NDADAM_ALWAYS_INLINE void exact_row_step(param_t* __restrict__ w, const param_t*
     w_bar_sq_norm += partial;
   }
 
-  const acc_t scale = inverse_norm(w_bar_sq_norm);
+  const acc_t scale = row_scale(w_bar_sq_norm, m_new_abs_sum, k);
   for (int64_t start = 0; start < row_length; start += kSumBlock) {
     const int64_t end = std::min(start + kSumBlock, row_length);
     prefetch_block(next.m, start, end, row_length);

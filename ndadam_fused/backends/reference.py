@@ -63,8 +63,11 @@ def vector_step(
         # eps = 0 that would be 0/0, so divide by 1 there instead.
         denom = torch.where(denom > 0, denom, torch.ones_like(denom))
         w_bar = w - lr * m_hat / denom.unsqueeze(1)
-        # w_{i,t} ← w̄_{i,t} / ||w̄_{i,t}||
-        w_new = w_bar / w_bar.norm(dim=1, keepdim=True)
+        # w_{i,t} ← w̄_{i,t} / ||w̄_{i,t}||, except where the update is exactly zero (lr = 0, or
+        # m = 0: a step with zero gradients from fresh state, as distributed checkpointing runs
+        # to create state): there w̄ = w, and dividing by its norm would only move rounding bits.
+        zero_update = (m == 0).all(dim=1, keepdim=True) | (lr == 0)
+        w_new = torch.where(zero_update, w, w_bar / w_bar.norm(dim=1, keepdim=True))
         param.copy_(w_new.view(param.shape))
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -395,22 +396,5 @@ def vector_step(
                 original.copy_(updated)
 
 
-def scalar_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """Adam with L2 weight decay for the scalars: torch's fused Adam on CUDA, foreach elsewhere."""
-    adam_step(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps,
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        implementation="fused" if params[0].device.type == "cuda" else "foreach",
-    )
+#: θ^s of Algorithm 1: torch's fused Adam (CUDA and CPU) with L2 weight decay; it takes a tensor lr.
+scalar_step = functools.partial(adam_step, implementation="fused")
