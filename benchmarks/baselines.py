@@ -16,8 +16,9 @@ class UnfusedNDAdam:
     """ND-Adam with per-tensor torch ops: vectors row-wise in place, scalars with foreach Adam."""
 
     def __init__(self, params: list[Tensor], lr: float, vector_lr: float, betas=(0.9, 0.99), eps: float = 1e-8):
-        self.vectors = [p for p in params if p.dim() >= 2]
-        self.scalars = [p for p in params if p.dim() < 2]
+        # NDAdam's automatic split: 2+ dims and rows longer than 1.
+        self.vectors = [p for p in params if p.dim() >= 2 and p.numel() > p.shape[0]]
+        self.scalars = [p for p in params if not (p.dim() >= 2 and p.numel() > p.shape[0])]
         self.lr, self.vector_lr, self.betas, self.eps = lr, vector_lr, betas, eps
         state_dtype = lambda p: torch.float64 if p.dtype == torch.float64 else torch.float32  # noqa: E731
         self.exp_avgs = [torch.zeros(p.shape, dtype=state_dtype(p), device=p.device) for p in self.vectors]

@@ -36,7 +36,10 @@ from ndadam_fused import NDAdam
 from ndadam_fused import backends as nd_backends
 
 BASELINES = ("ndadam-reference", "unfused", "adam-foreach", "adam-fused")
-CANDIDATES = ("ndadam-native", "ndadam-triton") + BASELINES + ("copy",)
+#: The same step on weights stored [in, out] (Hugging Face's Conv1D: unit_dim 1), which the
+#: backends step through a transposed work copy: the cost of that layout, in the same run.
+UNIT_DIM_1 = ("ndadam-native-unit-dim-1", "ndadam-triton-unit-dim-1")
+CANDIDATES = ("ndadam-native", "ndadam-triton") + UNIT_DIM_1 + BASELINES + ("copy",)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -49,6 +52,11 @@ class Candidate:
     cleanup: list = field(default_factory=list)
 
 
+def is_vector(p: torch.Tensor) -> bool:
+    """NDAdam's automatic split: 2+ dims, rows longer than 1."""
+    return p.dim() >= 2 and p.numel() > p.shape[0]
+
+
 def _bytes_ndadam(params: list[torch.Tensor]) -> int:
     """DESIGN.md section 5: vectors read w, ḡ, m and write w, m (20 B per fp32 element) plus
     v per row; scalars are Adam's (read p, g, m, v; write p, m, v)."""
@@ -56,7 +64,7 @@ def _bytes_ndadam(params: list[torch.Tensor]) -> int:
     for p in params:
         size = p.element_size()
         state = 8 if p.dtype == torch.float64 else 4
-        if p.dim() >= 2:
+        if is_vector(p):
             total += p.numel() * (3 * size + 2 * state) + p.shape[0] * 2 * state
         else:
             total += p.numel() * 7 * size
@@ -82,6 +90,27 @@ def _adam_state_bytes(params: list[torch.Tensor]) -> int:
 
 def make_candidate(name: str, params: list[torch.nn.Parameter], device: torch.device) -> Candidate | str:
     """The candidate ready to step, or why it cannot run here."""
+    if name in UNIT_DIM_1:
+        backend = name.removeprefix("ndadam-").removesuffix("-unit-dim-1")
+        if backend == "triton" and device.type != "cuda":
+            return "the Triton backend runs CPU tensors only in its interpreter, which is not a speed path"
+        reason = nd_backends.unavailable_reason(backend, device)
+        if reason is not None:
+            return reason
+        # The set's vector weights stored with units along dim 1, as Conv1D stores them.
+        stored = []
+        for p in params:
+            if is_vector(p):
+                q = torch.nn.Parameter(p.detach().movedim(0, 1).contiguous())
+                q.grad = p.grad.movedim(0, 1).contiguous()
+                stored.append(q)
+        scalars = [p for p in params if not is_vector(p)]
+        opt = NDAdam(
+            [{"params": stored, "vector": True, "unit_dim": 1, "lr": 0.05}, {"params": scalars, "vector": False}],
+            lr=1e-3, betas=(0.9, 0.99), backend=backend,
+        )
+        opt.step()
+        return Candidate(name, opt.step, _bytes_ndadam(params), _state_bytes(opt), [opt, stored])
     if name.startswith("ndadam-"):
         backend = name.removeprefix("ndadam-")
         if backend == "triton" and device.type != "cuda":
@@ -299,7 +328,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'set':<17}{'candidate':<18}{'median ms':>11}{'p10-p90 ms':>19}{'GB/s':>9}{'of copy':>9}" \
+    header = f"{'set':<17}{'candidate':<26}{'median ms':>11}{'p10-p90 ms':>19}{'GB/s':>9}{'of copy':>9}" \
              f"{'x ref':>8}{'x unfused':>10}{'x Adam fe':>10}{'x Adam fu':>10}{'state/Adam':>11}{'launches':>9}"
     print(header)
     print("-" * len(header))
@@ -310,7 +339,7 @@ def print_table(rows: list[dict]) -> None:
 
         spread = f"{r['p10_ms']:.3g}-{r['p90_ms']:.3g}"
         print(
-            f"{r['set']:<17}{r['candidate']:<18}{r['median_ms']:>11.3f}{spread:>19}{r['gb_per_s']:>9.1f}"
+            f"{r['set']:<17}{r['candidate']:<26}{r['median_ms']:>11.3f}{spread:>19}{r['gb_per_s']:>9.1f}"
             f"{ratio('copy_fraction'):>9}{ratio('speedup_vs_ndadam-reference'):>8}{ratio('speedup_vs_unfused'):>10}"
             f"{ratio('speedup_vs_adam-foreach'):>10}{ratio('speedup_vs_adam-fused'):>10}"
             f"{ratio('state_vs_adam'):>11}{str(r['launches_per_step']) or '-':>9}"
