@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,9 +31,10 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import backends
+from .rounding import tensor_seed
 from .rows import RowMajorViews, new_exp_avg, normalize_rows_, row_length, state_dtype, zero_rows
 
-__all__ = ["NDAdam", "ndadam"]
+__all__ = ["NDAdam", "ndadam", "hyperparameter_tensor"]
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
@@ -165,6 +167,21 @@ def _split_param_group(
     unit_dim = settings.setdefault("unit_dim", 0)
     if not isinstance(unit_dim, int) or isinstance(unit_dim, bool) or unit_dim < 0:
         raise ValueError(f"{where}: 'unit_dim' must be an int >= 0, got {unit_dim!r}")
+    for key in ("master_weights", "stochastic_rounding"):
+        if not isinstance(settings.setdefault(key, False), bool):
+            raise ValueError(f"{where}: '{key}' must be True or False, got {settings[key]!r}")
+    if settings["master_weights"] and settings["stochastic_rounding"]:
+        raise ValueError(
+            f"{where}: master_weights and stochastic_rounding are two ways to keep small updates of "
+            "bf16 parameters; choose one"
+        )
+    if settings["stochastic_rounding"]:
+        for i, (param, name) in enumerate(zip(tensors, names)):
+            if isinstance(param, Tensor) and param.dtype == torch.float16:
+                raise ValueError(
+                    f"NDAdam: {_describe(param, name, group_index, i)} is float16: stochastic_rounding "
+                    "rounds to bfloat16 only; use master_weights=True for float16 parameters"
+                )
 
     if settings["backend"] != "auto":
         for param in tensors:
@@ -215,6 +232,23 @@ def _tensor_of(param: Any) -> Any:
     return param[1] if isinstance(param, tuple) else param
 
 
+@dataclass
+class _GroupTensors:
+    """The tensors of one group that a step updates, aligned by param (None: the param has none)."""
+
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    exp_avgs: list[Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[Tensor] = field(default_factory=list)
+    state_steps: list[Tensor] = field(default_factory=list)
+    master_params: list[Tensor | None] = field(default_factory=list)
+    rounding_seeds: list[Tensor | None] = field(default_factory=list)
+
+    def lists(self) -> list[list[Tensor | None]]:
+        return [self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.state_steps,
+                self.master_params, self.rounding_seeds]
+
+
 class NDAdam(Optimizer):
     r"""Normalized direction-preserving Adam (ND-Adam).
 
@@ -242,12 +276,26 @@ class NDAdam(Optimizer):
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"native"``; see
             :func:`ndadam_fused.backends.available_backends`. It belongs to this machine: loading
             a state dict keeps it.
+        master_weights: keep an fp32 copy of every bf16/fp16 parameter in the state
+            (``"master_param"``), step the copy and write its rounded value to the parameter, so
+            that updates below half a bf16 ulp accumulate (fp32/fp64 parameters need none).
+        stochastic_rounding: round the new value of every bf16 parameter stochastically (see
+            :mod:`ndadam_fused.rounding`), a cheaper way to keep small updates on average: no
+            extra copy, reproducible, resumed bit for bit. Not with ``master_weights``; not for
+            fp16 parameters (use ``master_weights``).
+
+    ``step()`` takes part in ``torch.amp.GradScaler`` the way torch's fused Adam does
+    (``_step_supports_amp_scaling``): the scaler sets ``grad_scale`` and ``found_inf`` on the
+    optimizer, the kernels unscale gradients on the fly and skip the whole step (params, moments,
+    step counts) where ``found_inf`` is set, with no host synchronization.
 
     Rows of trainable vector tensors are normalized in place at construction (frozen ones,
     ``requires_grad=False``, are left untouched until their first step). Loading weights
     into the model after building the optimizer: call :meth:`normalize_rows_`. When resuming,
     build the model and the optimizer, then load both state dicts: the run continues bit for bit.
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -258,6 +306,9 @@ class NDAdam(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         backend: str = "auto",
+        *,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         _check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, backend=backend, where="NDAdam")
         if vector_lr is not None:
@@ -266,7 +317,8 @@ class NDAdam(Optimizer):
                 where="NDAdam", lr_name="vector_lr",
             )
         defaults = dict(
-            lr=lr, vector_lr=vector_lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, backend=backend
+            lr=lr, vector_lr=vector_lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, backend=backend,
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding,
         )
         if isinstance(params, Tensor):
             raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts")
@@ -288,6 +340,7 @@ class NDAdam(Optimizer):
                 "param_groups(model) without lr/vector_lr) or drop vector_lr."
             )
         self._row_buffers: MutableMapping[Tensor, Tensor] = {}
+        self._hyper: dict[tuple[int, torch.device], tuple[Tensor, list[Any]]] = {}
         super().__init__(param_groups, defaults)
 
     @staticmethod
@@ -316,9 +369,12 @@ class NDAdam(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._row_buffers = {}
+        self._hyper = {}
         for group in self.param_groups:
             group.setdefault("backend", "auto")
             group.setdefault("unit_dim", 0)
+            group.setdefault("master_weights", False)
+            group.setdefault("stochastic_rounding", False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; a group without ``"vector"`` is split as in the constructor."""
@@ -358,22 +414,13 @@ class NDAdam(Optimizer):
         for group in groups:
             normalize_rows_([p for p in group["params"] if p.numel()], group["unit_dim"])
 
-    def _init_group(
-        self,
-        group_index: int,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_avg_sqs: list[Tensor],
-        state_steps: list[Tensor],
-        created: list[Tensor],
-    ) -> None:
+    def _init_group(self, group_index: int, group: dict[str, Any], created: list[Tensor]) -> _GroupTensors:
         """Collect the group's tensors that have a gradient, checking each gradient and creating
         missing state (the params whose state is new go to ``created``, so that step() can take
         it back when a later check raises)."""
         vector = group["vector"]
         unit_dim = group.get("unit_dim", 0)
+        tensors = _GroupTensors()
         for param_index, param in enumerate(group["params"]):
             grad = param.grad
             if grad is None or param.numel() == 0:
@@ -386,6 +433,7 @@ class NDAdam(Optimizer):
             ):
                 self._raise_for_gradient(group_index, group, param_index)
             state = self.state[param]
+            low_precision = param.dtype in (torch.bfloat16, torch.float16)
             if len(state) == 0:
                 created.append(param)
                 if vector:
@@ -394,21 +442,77 @@ class NDAdam(Optimizer):
                     _check_zero_rows(param, unit_dim, where)
                 # On the param's device, as fused Adam keeps it: the fused kernels read it there.
                 state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+                # Scalars with a master copy or stochastic rounding are stepped in fp32: so is their state.
+                extended = low_precision and (group["master_weights"] or group["stochastic_rounding"])
                 if vector:
                     dtype = state_dtype(param, vector)
                     state["exp_avg"] = new_exp_avg(param, unit_dim, dtype)
                     state["exp_avg_sq"] = torch.zeros(param.shape[unit_dim], dtype=dtype, device=param.device)
                 else:
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            params.append(param)
-            grads.append(grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            state_steps.append(state["step"])
-        if params:
-            for device in {p.device for p in params}:
+                    dtype = torch.float32 if extended else param.dtype
+                    state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+                if group["stochastic_rounding"] and param.dtype == torch.bfloat16:
+                    state["rounding_seed"] = torch.tensor(
+                        tensor_seed(group_index, param_index), dtype=torch.int64, device=param.device
+                    )
+                # master_param is made by step() once the rows are normalized.
+            tensors.params.append(param)
+            tensors.grads.append(grad)
+            tensors.exp_avgs.append(state["exp_avg"])
+            tensors.exp_avg_sqs.append(state["exp_avg_sq"])
+            tensors.state_steps.append(state["step"])
+            tensors.rounding_seeds.append(state.get("rounding_seed"))
+        if tensors.params:
+            for device in {p.device for p in tensors.params}:
                 backends.resolve(group["backend"], device)  # raises, saying how to get it, when missing
+        return tensors
+
+    def _add_master_params(self, group: dict[str, Any], tensors: _GroupTensors, created: set[int]) -> None:
+        """The fp32 master copies of the group's bf16/fp16 params (made on their first step)."""
+        if not group["master_weights"] or not any(p.dtype in (torch.bfloat16, torch.float16) for p in tensors.params):
+            tensors.master_params = [None] * len(tensors.params)
+            return
+        unit_dim = group.get("unit_dim", 0)
+        for param in tensors.params:
+            state = self.state[param]
+            if id(param) in created and param.dtype in (torch.bfloat16, torch.float16):
+                if group["vector"]:
+                    master = new_exp_avg(param, unit_dim, torch.float32).copy_(param)
+                    # Unit in fp32, not only to bf16's precision: the projection assumes it.
+                    normalize_rows_(master, unit_dim)
+                else:
+                    master = param.detach().to(torch.float32, memory_format=torch.preserve_format).clone()
+                state["master_param"] = master
+            tensors.master_params.append(state.get("master_param"))
+
+    def _hyperparameters(self, group_index: int, group: dict[str, Any], device: torch.device) -> Tensor:
+        """The group's (lr, β1, β2, ε) as a float64 [4] tensor on ``device``, which the kernels read.
+
+        Eager: one tensor per (group, device), refilled only where a value changed (a fill kernel
+        per change, no host synchronization; a tensor lr is copied at every step, so a CUDA graph
+        that captured the step replays the copy). Under torch.compile the tensor is made from the
+        group's numbers by arithmetic, which dynamo traces without guarding on their values: an lr
+        schedule causes no recompile.
+        """
+        lr = group["lr"]
+        beta1, beta2 = group["betas"]
+        values = (lr, beta1, beta2, group["eps"])
+        if torch.compiler.is_compiling():
+            return hyperparameter_tensor(lr, beta1, beta2, group["eps"], device)
+        cached = self._hyper.get((group_index, device))
+        if cached is None:
+            cached = (torch.zeros(4, dtype=torch.float64, device=device), [None] * 4)
+            self._hyper[(group_index, device)] = cached
+        hyper, known = cached
+        for index, value in enumerate(values):
+            if isinstance(value, Tensor):
+                hyper[index].copy_(value.reshape(()), non_blocking=True)
+                known[index] = None
+            elif known[index] != value:
+                hyper[index].fill_(value)
+                known[index] = value
+        return hyper
 
     @staticmethod
     def _raise_for_gradient(group_index: int, group: dict[str, Any], param_index: int) -> None:
@@ -446,32 +550,45 @@ class NDAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        collected = []
+        collected: list[_GroupTensors] = []
         created: list[Tensor] = []
         try:
             for group_index, group in enumerate(self.param_groups):
-                lists: tuple[list[Tensor], ...] = ([], [], [], [], [])
-                self._init_group(group_index, group, *lists, created)
-                collected.append(lists)
+                collected.append(self._init_group(group_index, group, created))
         except Exception:
             for param in created:
                 del self.state[param]
             raise
         # A vector tensor stepped for the first time has unit rows: normalized at construction
         # (then this changes no bit), or frozen then and never normalized.
+        created_ids = {id(p) for p in created}
         if created:
-            created_ids = {id(p) for p in created}
             for group in self.param_groups:
                 if group["vector"]:
                     normalize_rows_([p for p in group["params"] if id(p) in created_ids], group.get("unit_dim", 0))
-        for group, (params, grads, exp_avgs, exp_avg_sqs, state_steps) in zip(self.param_groups, collected):
+        # GradScaler's protocol (torch.amp.GradScaler sets these on the optimizer before step()).
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group_index, (group, tensors) in enumerate(zip(self.param_groups, collected)):
+            if not tensors.params:
+                continue
+            self._add_master_params(group, tensors, created_ids)
             beta1, beta2 = group["betas"]
-            ndadam(
-                params, grads, exp_avgs, exp_avg_sqs, state_steps,
-                vector=group["vector"], lr=group["lr"], beta1=beta1, beta2=beta2,
-                eps=group["eps"], weight_decay=group["weight_decay"], unit_dim=group.get("unit_dim", 0),
-                backend=group["backend"], row_buffers=self._row_buffers,
-            )
+            # One call per (device, dtype), as torch's fused optimizers group (in C++): within a
+            # call every param has a master copy or none, a rounding seed or none.
+            grouped = Optimizer._group_tensors_by_device_and_dtype(tensors.lists())
+            for (device, _), (lists, _) in grouped.items():
+                params, grads, exp_avgs, exp_avg_sqs, state_steps, master_params, rounding_seeds = lists
+                ndadam(
+                    params, grads, exp_avgs, exp_avg_sqs, state_steps,
+                    vector=group["vector"], lr=group["lr"], beta1=beta1, beta2=beta2,
+                    eps=group["eps"], weight_decay=group["weight_decay"], unit_dim=group.get("unit_dim", 0),
+                    backend=group["backend"], row_buffers=self._row_buffers,
+                    hyper=self._hyperparameters(group_index, group, device),
+                    grad_scale=grad_scale, found_inf=found_inf,
+                    master_params=None if master_params[0] is None else master_params,
+                    rounding_seeds=None if rounding_seeds[0] is None else rounding_seeds,
+                )
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -534,6 +651,18 @@ class NDAdam(Optimizer):
                 state["step"] = step_value.to(device=param.device, dtype=torch.float32).reshape(())
 
 
+def hyperparameter_tensor(lr: float | Tensor, beta1: float, beta2: float, eps: float, device: torch.device) -> Tensor:
+    """(lr, β1, β2, ε) as the float64 [4] tensor on ``device`` that the kernels read.
+
+    Made by arithmetic on a tensor of ones: torch.compile traces that without guarding on the
+    values (``torch.tensor([...])`` or ``fill_`` would specialize on them and recompile).
+    """
+    one = torch.ones((), dtype=torch.float64, device=device)
+    return torch.stack(
+        [v.to(device, torch.float64).reshape(()) if isinstance(v, Tensor) else one * v for v in (lr, beta1, beta2, eps)]
+    )
+
+
 def ndadam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -550,6 +679,11 @@ def ndadam(
     unit_dim: int = 0,
     backend: str = "auto",
     row_buffers: MutableMapping[Tensor, Tensor] | None = None,
+    hyper: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    rounding_seeds: list[Tensor] | None = None,
 ) -> None:
     r"""Functional ND-Adam: one step over one group's tensors, in place.
 
@@ -565,18 +699,28 @@ def ndadam(
         backend: a name from :data:`ndadam_fused.backends.BACKEND_NAMES` or ``"auto"``.
         row_buffers: where to keep the contiguous work copies of params whose rows are not
             contiguous in memory, from step to step (see :class:`ndadam_fused.rows.RowMajorViews`).
+        hyper: (lr, β1, β2, ε) as a float64 [4] tensor on the params' device (made from the
+            numbers when None; :class:`NDAdam` keeps one per group and device).
+        grad_scale, found_inf: GradScaler's tensors: gradients are divided by ``grad_scale``, and
+            nothing changes (step counts included) where ``found_inf`` is nonzero.
+        master_params: fp32 master copies of bf16/fp16 params (stepped; the params get their
+            rounded values), or None.
+        rounding_seeds: per-param int64 seeds for stochastic rounding of bf16 params, or None.
     """
     if not params:
         return
-    implementation = backends.resolve(backend, params[0].device)
+    device = params[0].device
+    implementation = backends.resolve(backend, device)
+    if hyper is None:
+        hyper = hyperparameter_tensor(lr, beta1, beta2, eps, device)
+    options = dict(hyper=hyper, beta1=beta1, beta2=beta2, eps=eps, grad_scale=grad_scale, found_inf=found_inf,
+                   master_params=master_params, rounding_seeds=rounding_seeds)
     if vector:
-        views = RowMajorViews(params, grads, exp_avgs, unit_dim, row_buffers)
-        implementation.vector_step(
-            views.params, views.grads, views.exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps
-        )
+        views = RowMajorViews(params, grads, exp_avgs, unit_dim, row_buffers, master_params)
+        options["master_params"] = views.master_params
+        implementation.vector_step(views.params, views.grads, views.exp_avgs, exp_avg_sqs, state_steps, **options)
         views.finish()
     else:
         implementation.scalar_step(
-            params, grads, exp_avgs, exp_avg_sqs, state_steps,
-            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, weight_decay=weight_decay, **options
         )

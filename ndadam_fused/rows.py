@@ -101,6 +101,8 @@ def _normalize_(param: Tensor, unit_dim: int) -> None:
 class RowMajorViews:
     """The contiguous ``[units, ...]`` tensors the kernels step, and how to write them back.
 
+    ``params``, ``grads``, ``exp_avgs`` (and ``master_params`` when given) as the kernels take them.
+
     For each vector tensor the kernels need its rows contiguous in memory, row after row. Where
     ``p.movedim(unit_dim, 0)`` already is (a contiguous Linear or conv weight with unit_dim 0),
     the kernels get the tensor itself. Otherwise (a channels_last conv weight; a ``[in, out]``
@@ -116,14 +118,20 @@ class RowMajorViews:
         exp_avgs: list[Tensor],
         unit_dim: int,
         buffers: MutableMapping[Tensor, Tensor] | None,
+        master_params: list[Tensor] | None = None,
     ) -> None:
         self.write_back: list[tuple[Tensor, Tensor]] = []
-        if unit_dim == 0 and all(p.is_contiguous() and g.is_contiguous() and m.is_contiguous() for p, g, m in zip(params, grads, exp_avgs)):
+        self.master_params = master_params
+        if unit_dim == 0 and all(
+            p.is_contiguous() and g.is_contiguous() and m.is_contiguous() for p, g, m in zip(params, grads, exp_avgs)
+        ) and (master_params is None or all(m.is_contiguous() for m in master_params)):
             self.params, self.grads, self.exp_avgs = params, grads, exp_avgs
             return
         self.params = [self._writable(p, unit_dim, buffers) for p in params]
         self.grads = [g.movedim(unit_dim, 0).contiguous() for g in grads]
         self.exp_avgs = [self._writable(m, unit_dim, None) for m in exp_avgs]
+        if master_params is not None:
+            self.master_params = [self._writable(m, unit_dim, None) for m in master_params]
 
     def _writable(self, tensor: Tensor, unit_dim: int, buffers: MutableMapping[Tensor, Tensor] | None) -> Tensor:
         moved = tensor.movedim(unit_dim, 0)

@@ -15,8 +15,10 @@ from ndadam_fused.backends import reference
 def test_comparison_catches_a_backend_that_is_off(monkeypatch, dtype, lr_error, message):
     true_step = reference.vector_step
 
-    def off_by_a_little(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps):
-        true_step(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr * (1 + lr_error), beta1=beta1, beta2=beta2, eps=eps)
+    def off_by_a_little(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, hyper, **options):
+        hyper = hyper.clone()
+        hyper[0] *= 1 + lr_error
+        true_step(params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper=hyper, **options)
 
     import ndadam_fused.backends as backends
 

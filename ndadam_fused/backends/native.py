@@ -69,26 +69,11 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"the native kernels run on CPU and CUDA tensors, not {device.type}"
 
 
-# One 0-dim float64 lr tensor per device, refilled when the lr changes: the op reads lr from a
-# tensor on the params' device, and refilling it is one small kernel instead of a blocking copy.
-_lr_tensors: dict[torch.device, tuple[float, Tensor]] = {}
-
-
-def _lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
-    if isinstance(lr, Tensor):
-        if lr.device == device and lr.dtype in (torch.float32, torch.float64):
-            return lr.reshape(())
-        return lr.to(device=device, dtype=torch.float64).reshape(())
-    lr = float(lr)
-    cached = _lr_tensors.get(device)
-    if cached is None:
-        cached = (lr, torch.full((), lr, dtype=torch.float64, device=device))
-        _lr_tensors[device] = cached
-    elif cached[0] != lr:
-        cached[1].fill_(lr)
-        cached = (lr, cached[1])
-        _lr_tensors[device] = cached
-    return cached[1]
+def _refuse_unbuilt_features(grad_scale, found_inf, master_params, rounding_seeds) -> None:
+    wanted = [name for name, value in (("GradScaler's grad_scale/found_inf", grad_scale if grad_scale is not None else found_inf),
+                                       ("master_weights", master_params), ("stochastic_rounding", rounding_seeds)) if value is not None]
+    if wanted:
+        raise NotImplementedError(f"the native kernels do not implement {', '.join(wanted)} yet; use backend='reference'")
 
 
 def _single_pass_limit() -> int:
@@ -102,12 +87,17 @@ def vector_step(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     *,
-    lr: float | Tensor,
+    hyper: Tensor,
     beta1: float,
     beta2: float,
     eps: float,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    rounding_seeds: list[Tensor] | None = None,
 ) -> None:
     """θ^v update of Algorithm 1: one op call (one kernel launch) per (device, dtype)."""
+    _refuse_unbuilt_features(grad_scale, found_inf, master_params, rounding_seeds)
     # torch's own grouping (C++, as its fused optimizers use): by the params' (device, dtype).
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
     for (device, _), ((group_params, group_grads, group_exp_avgs, group_exp_avg_sqs, group_steps), _) in grouped.items():
@@ -127,7 +117,7 @@ def vector_step(
             group_exp_avgs,
             list(group_exp_avg_sqs),
             list(group_steps),
-            _lr_tensor(lr, device),
+            hyper[0],
             beta1,
             beta2,
             eps,

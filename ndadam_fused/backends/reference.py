@@ -7,7 +7,7 @@ This is the oracle the fused backends are tested against, written to be read nex
 - ``grad``: ``ḡ``, same shape; never modified.
 - ``exp_avg``: ``m``, same shape, fp32 (fp64 for fp64 params).
 - ``exp_avg_sq``: ``v``, shape ``[rows]``: ONE second moment per row.
-- ``step``: a 0-dim CPU tensor ``t``, incremented before use.
+- ``step``: a 0-dim fp32 tensor ``t`` on the param's device, incremented before use.
 
 The math runs in the state's dtype (fp32, or fp64), so bf16 and fp16 params are read up and
 rounded once when the new row is written back.
@@ -20,6 +20,7 @@ import functools
 import torch
 from torch import Tensor
 
+from ..rounding import stochastic_round_to_bfloat16
 from .scalars import adam_step
 
 __all__ = ["vector_step", "scalar_step"]
@@ -32,19 +33,40 @@ def vector_step(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     *,
-    lr: float | Tensor,
+    hyper: Tensor,
     beta1: float,
     beta2: float,
     eps: float,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    rounding_seeds: list[Tensor] | None = None,
 ) -> None:
-    """θ^v update of Algorithm 1 for each tensor in turn (weight decay is a no-op on unit rows)."""
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+    """θ^v update of Algorithm 1 for each tensor in turn (weight decay is a no-op on unit rows).
+
+    ``hyper`` holds (α, β1, β2, ε) as the fused kernels read them (the floats are the same values).
+    With ``grad_scale`` the gradients are divided by it; with ``found_inf`` set nothing changes,
+    step counts included. With ``master_params`` (fp32, one per low-precision param) the rows are
+    read from and written to the master copy, and the param gets its rounded value; with
+    ``rounding_seeds`` (bf16 params) the param gets it rounded stochastically
+    (:mod:`ndadam_fused.rounding`).
+    """
+    # The oracle may read the flag back; the fused kernels read it on the device.
+    if found_inf is not None and bool(found_inf.to("cpu", torch.float32) != 0):
+        return
+    lr = hyper[0]
+    for index, (param, grad, exp_avg, exp_avg_sq, step_t) in enumerate(
+        zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    ):
         step_t += 1
-        t = step_t.item()
+        t = step_t
         rows = param.shape[0]
         compute_dtype = exp_avg.dtype
-        w = param.reshape(rows, -1).to(compute_dtype)  # w_{i,t-1}, unit rows
+        source = master_params[index] if master_params is not None else param
+        w = source.reshape(rows, -1).to(compute_dtype)  # w_{i,t-1}, unit rows
         g_bar = grad.reshape(rows, -1).to(compute_dtype)  # ḡ_t(w_i)
+        if grad_scale is not None:
+            g_bar = g_bar / grad_scale.to(g_bar.device, compute_dtype)
         m = exp_avg.view(rows, -1)
         v = exp_avg_sq
 
@@ -54,9 +76,9 @@ def vector_step(
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         # v_t(w_i) ← β2 v_{t−1}(w_i) + (1 − β2) ||g_t(w_i)||²
         v.mul_(beta2).add_(g.square().sum(dim=1), alpha=1 - beta2)
-        # m̂_t ← m_t / (1 − β1^t);  v̂_t ← v_t / (1 − β2^t)
-        m_hat = m / (1 - beta1**t)
-        v_hat = v / (1 - beta2**t)
+        # m̂_t ← m_t / (1 − β1^t);  v̂_t ← v_t / (1 − β2^t)   (β^t in float64, as the kernels take it)
+        m_hat = m / (1 - beta1 ** t.double())
+        v_hat = v / (1 - beta2 ** t.double())
         # w̄_{i,t} ← w_{i,t−1} − α m̂_t / (sqrt(v̂_t) + ε)
         denom = v_hat.sqrt().add_(eps)
         # v̂ = 0 means every projected gradient so far was 0, so m̂ = 0 and the step is 0; with
@@ -68,7 +90,12 @@ def vector_step(
         # to create state): there w̄ = w, and dividing by its norm would only move rounding bits.
         zero_update = (m == 0).all(dim=1, keepdim=True) | (lr == 0)
         w_new = torch.where(zero_update, w, w_bar / w_bar.norm(dim=1, keepdim=True))
-        param.copy_(w_new.view(param.shape))
+        if master_params is not None:
+            source.copy_(w_new.view(source.shape))
+        if rounding_seeds is not None:
+            param.copy_(stochastic_round_to_bfloat16(w_new, rounding_seeds[index], t).view(param.shape))
+        else:
+            param.copy_(w_new.view(param.shape))
 
 
 #: θ^s of Algorithm 1: torch.optim's own single-tensor Adam with L2 weight decay.

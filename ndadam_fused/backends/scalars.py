@@ -1,7 +1,15 @@
 """Scalars (biases, norm gains, ``"vector": False`` groups): Adam with L2 weight decay.
 
 Every backend updates them with torch.optim's own functional Adam; backends differ only in
-which of its implementations they pick (single-tensor or fused).
+which of its implementations they pick (single-tensor or fused). Around it, for what torch's
+Adam does not do itself:
+
+- GradScaler: the fused implementation unscales and skips on ``found_inf`` in its kernel; for
+  the single-tensor one (the reference) the gradients are divided here and the flag is read back.
+- bf16/fp16 params with a master copy (``master_params``, fp32): Adam steps the master with the
+  gradients in fp32, and the param gets the master's rounded value.
+- bf16 params with stochastic rounding (``rounding_seeds``): Adam steps an fp32 copy, which is
+  rounded stochastically into the param (:mod:`ndadam_fused.rounding`); their state is fp32.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 from torch.optim.adam import adam
+
+from ..rounding import stochastic_round_to_bfloat16
 
 
 def _laid_out_like(param: Tensor, tensor: Tensor) -> bool:
@@ -29,39 +39,76 @@ def adam_step(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     *,
-    lr: float | Tensor,
+    hyper: Tensor,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
     implementation: Literal["single_tensor", "fused"],
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    rounding_seeds: list[Tensor] | None = None,
 ) -> None:
-    """One Adam step (L2 weight decay, ε after bias correction) with torch's ``implementation``."""
+    """One Adam step (L2 weight decay, ε after bias correction) with torch's ``implementation``.
+
+    ``hyper``: float64 [4] (lr, β1, β2, ε) on the params' device; its lr is what Adam reads.
+    """
+    lr = hyper[0]
+    if implementation == "single_tensor" and (grad_scale is not None or found_inf is not None):
+        if found_inf is not None and bool(found_inf.to("cpu", torch.float32) != 0):
+            return
+        if grad_scale is not None:
+            grads = [g / grad_scale.to(g.device, g.dtype) for g in grads]
+        grad_scale = found_inf = None
+    targets = params
+    if master_params is not None:
+        targets = master_params
+    elif rounding_seeds is not None:
+        targets = [p.detach().to(torch.float32, memory_format=torch.preserve_format) for p in params]
+    if targets is not params:
+        grads = [g.to(torch.float32, memory_format=torch.preserve_format) for g in grads]
+
     if implementation == "fused":
         # torch's fused kernels walk a param, its gradient and its state in memory order, as if
         # all were laid out alike: a stride-0 or transposed gradient would be read wrongly. Such
         # a gradient is copied into the param's layout; a param that is not dense, or whose state
         # is laid out otherwise, is stepped by the single-tensor implementation (the same math).
-        grads = [g if _laid_out_like(p, g) else torch.empty_like(p).copy_(g) for p, g in zip(params, grads)]
+        grads = [g if _laid_out_like(p, g) else torch.empty_like(p, dtype=g.dtype).copy_(g) for p, g in zip(targets, grads)]
         unfused = [
-            i for i, (p, m, v) in enumerate(zip(params, exp_avgs, exp_avg_sqs))
+            i for i, (p, m, v) in enumerate(zip(targets, exp_avgs, exp_avg_sqs))
             if not (_laid_out_like(p, m) and _laid_out_like(p, v) and _dense(p))
         ]
         if unfused:
-            lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+            if grad_scale is not None or found_inf is not None:
+                raise RuntimeError(
+                    "NDAdam: a scalar parameter that is not dense, or whose state is laid out unlike it, "
+                    "cannot be stepped with a GradScaler's grad_scale/found_inf; make it contiguous"
+                )
+            lists = (targets, grads, exp_avgs, exp_avg_sqs, state_steps)
             _adam([[x[i] for i in unfused] for x in lists], lr, beta1, beta2, eps, weight_decay, fused=False)
-            keep = sorted(set(range(len(params))) - set(unfused))
-            params, grads, exp_avgs, exp_avg_sqs, state_steps = ([x[i] for i in keep] for x in lists)
-            if not params:
-                return
-    _adam([params, grads, exp_avgs, exp_avg_sqs, state_steps], lr, beta1, beta2, eps, weight_decay,
-          fused=implementation == "fused")
+            keep = [i for i in range(len(targets)) if i not in set(unfused)]
+            if keep:
+                _adam([[x[i] for i in keep] for x in lists], lr, beta1, beta2, eps, weight_decay, fused=True)
+        else:
+            _adam([targets, grads, exp_avgs, exp_avg_sqs, state_steps], lr, beta1, beta2, eps, weight_decay,
+                  fused=True, grad_scale=grad_scale, found_inf=found_inf)
+    else:
+        _adam([targets, grads, exp_avgs, exp_avg_sqs, state_steps], lr, beta1, beta2, eps, weight_decay, fused=False)
+
+    if master_params is not None:
+        for param, master in zip(params, master_params):
+            param.copy_(master)
+    elif rounding_seeds is not None:
+        for param, stepped_copy, seed, step in zip(params, targets, rounding_seeds, state_steps):
+            param.copy_(stochastic_round_to_bfloat16(stepped_copy, seed, step))
 
 
-def _adam(lists, lr, beta1, beta2, eps, weight_decay, *, fused: bool) -> None:
+def _adam(lists, lr, beta1, beta2, eps, weight_decay, *, fused: bool, grad_scale=None, found_inf=None) -> None:
     params, grads, exp_avgs, exp_avg_sqs, state_steps = lists
     adam(
         params, grads, exp_avgs, exp_avg_sqs, [], state_steps,
         foreach=False, fused=fused, capturable=False, differentiable=False, amsgrad=False,
         beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
+        grad_scale=grad_scale, found_inf=found_inf,
     )

@@ -361,16 +361,23 @@ def vector_step(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     *,
-    lr: float | Tensor,
+    hyper: Tensor,
     beta1: float,
     beta2: float,
     eps: float,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    rounding_seeds: list[Tensor] | None = None,
     single_pass_max: int | None = None,
 ) -> None:
     """ND-Adam step of every row of ``params``: one kernel launch per (device, dtype).
 
     ``single_pass_max`` overrides :data:`SINGLE_PASS_MAX` (tests force each path with it).
     """
+    from .native import _refuse_unbuilt_features
+
+    _refuse_unbuilt_features(grad_scale, found_inf, master_params, rounding_seeds)
     limit = SINGLE_PASS_MAX if single_pass_max is None else single_pass_max
     for p, m, s in zip(params, exp_avgs, state_steps):
         if s.device != p.device:
@@ -387,7 +394,7 @@ def vector_step(
         group_grads = [g.contiguous() for g in group_grads]
         torch._foreach_add_(group_steps, 1.0)
         table = row_table(work, group_grads, group_exp_avgs, group_exp_avg_sqs, group_steps, limit)
-        _set_hyper(table, lr, beta1, beta2, eps)
+        _set_hyper(table, hyper[0], beta1, beta2, eps)
         if table.n_programs:
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 _launch(table, work[table.base_index], group_exp_avgs[table.base_index])
