@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, MutableMapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -232,21 +231,23 @@ def _tensor_of(param: Any) -> Any:
     return param[1] if isinstance(param, tuple) else param
 
 
-@dataclass
-class _GroupTensors:
-    """The tensors of one group that a step updates, aligned by param (None: the param has none)."""
-
-    params: list[Tensor] = field(default_factory=list)
-    grads: list[Tensor] = field(default_factory=list)
-    exp_avgs: list[Tensor] = field(default_factory=list)
-    exp_avg_sqs: list[Tensor] = field(default_factory=list)
-    state_steps: list[Tensor] = field(default_factory=list)
-    master_params: list[Tensor | None] = field(default_factory=list)
-    rounding_seeds: list[Tensor | None] = field(default_factory=list)
-
-    def lists(self) -> list[list[Tensor | None]]:
-        return [self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.state_steps,
-                self.master_params, self.rounding_seeds]
+def _by_device_and_dtype(lists: list[list[Any]]) -> list[tuple[torch.device, list[list[Any]]]]:
+    """The lists split by the params' (device, dtype), in first-seen order: torch's own grouping
+    (C++) in eager mode, and a plain loop that torch.compile traces (under compile torch's returns
+    one group without its device)."""
+    if not torch.compiler.is_compiling():
+        # torch's grouping checks dtypes index by index: master copies (fp32) and rounding seeds
+        # (int64) of bf16 params would fail it, so they follow by index.
+        grouped = Optimizer._group_tensors_by_device_and_dtype([lists[0]], with_indices=True)
+        groups = [(device, indices) for (device, _), (_, indices) in grouped.items()]
+    else:
+        keys: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for index, param in enumerate(lists[0]):
+            keys.setdefault((param.device, param.dtype), []).append(index)
+        groups = [(device, indices) for (device, _), indices in keys.items()]
+    if len(groups) == 1:
+        return [(groups[0][0], lists)]
+    return [(device, [[x[i] for i in indices] for x in lists]) for device, indices in groups]
 
 
 class NDAdam(Optimizer):
@@ -414,77 +415,104 @@ class NDAdam(Optimizer):
         for group in groups:
             normalize_rows_([p for p in group["params"] if p.numel()], group["unit_dim"])
 
-    def _init_group(self, group_index: int, group: dict[str, Any], created: list[Tensor]) -> _GroupTensors:
-        """Collect the group's tensors that have a gradient, checking each gradient and creating
-        missing state (the params whose state is new go to ``created``, so that step() can take
-        it back when a later check raises)."""
+    def _check_step_inputs(self) -> None:
+        """Everything a step can fail on, for every group, before any tensor or state is touched:
+        each gradient's layout, dtype, device and shape, all-zero rows of vector tensors about to
+        get their first step, and the backends. Raises naming the parameter."""
+        for group_index, group in enumerate(self.param_groups):
+            devices = set()
+            names = group.get("param_names")
+            for param_index, param in enumerate(group["params"]):
+                grad = param.grad
+                if grad is None or param.numel() == 0:
+                    continue
+                if (
+                    grad.layout is not torch.strided
+                    or grad.dtype is not param.dtype
+                    or grad.device != param.device
+                    or grad.shape != param.shape
+                ):
+                    self._raise_for_gradient(group_index, group, param_index)
+                if group["vector"] and not self.state.get(param):
+                    where = _describe(param, names[param_index] if names else None, group_index, param_index)
+                    _check_zero_rows(param, group.get("unit_dim", 0), where)
+                devices.add(param.device)
+            for device in devices:
+                backends.resolve(group["backend"], device)  # raises, saying how to get it, when missing
+
+    def _init_group(
+        self,
+        group_index: int,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+        master_params: list[Tensor | None],
+        rounding_seeds: list[Tensor | None],
+    ) -> None:
+        """Collect the group's tensors that have a gradient into the lists, creating missing state.
+
+        The call for group 0 first checks every group (:meth:`_check_step_inputs`), so that an
+        error leaves everything as it was; what follows cannot fail. Shaped like torch's
+        optimizers' ``_init_group`` (lists filled in place, nothing returned): torch.compile runs
+        it eagerly, outside the graph, as it does theirs, so first-step work (normalizing rows,
+        master copies) never enters a compiled graph.
+        """
+        if group_index == 0:
+            self._check_step_inputs()
         vector = group["vector"]
         unit_dim = group.get("unit_dim", 0)
-        tensors = _GroupTensors()
         for param_index, param in enumerate(group["params"]):
             grad = param.grad
             if grad is None or param.numel() == 0:
                 continue
-            if (
-                grad.layout is not torch.strided
-                or grad.dtype is not param.dtype
-                or grad.device != param.device
-                or grad.shape != param.shape
-            ):
-                self._raise_for_gradient(group_index, group, param_index)
             state = self.state[param]
-            low_precision = param.dtype in (torch.bfloat16, torch.float16)
             if len(state) == 0:
-                created.append(param)
-                if vector:
-                    names = group.get("param_names")
-                    where = _describe(param, names[param_index] if names else None, group_index, param_index)
-                    _check_zero_rows(param, unit_dim, where)
-                # On the param's device, as fused Adam keeps it: the fused kernels read it there.
-                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-                # Scalars with a master copy or stochastic rounding are stepped in fp32: so is their state.
-                extended = low_precision and (group["master_weights"] or group["stochastic_rounding"])
-                if vector:
-                    dtype = state_dtype(param, vector)
-                    state["exp_avg"] = new_exp_avg(param, unit_dim, dtype)
-                    state["exp_avg_sq"] = torch.zeros(param.shape[unit_dim], dtype=dtype, device=param.device)
-                else:
-                    dtype = torch.float32 if extended else param.dtype
-                    state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-                if group["stochastic_rounding"] and param.dtype == torch.bfloat16:
-                    state["rounding_seed"] = torch.tensor(
-                        tensor_seed(group_index, param_index), dtype=torch.int64, device=param.device
-                    )
-                # master_param is made by step() once the rows are normalized.
-            tensors.params.append(param)
-            tensors.grads.append(grad)
-            tensors.exp_avgs.append(state["exp_avg"])
-            tensors.exp_avg_sqs.append(state["exp_avg_sq"])
-            tensors.state_steps.append(state["step"])
-            tensors.rounding_seeds.append(state.get("rounding_seed"))
-        if tensors.params:
-            for device in {p.device for p in tensors.params}:
-                backends.resolve(group["backend"], device)  # raises, saying how to get it, when missing
-        return tensors
+                self._init_state(group_index, group, param_index, param, state)
+            params.append(param)
+            grads.append(grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            state_steps.append(state["step"])
+            master_params.append(state.get("master_param"))
+            rounding_seeds.append(state.get("rounding_seed"))
 
-    def _add_master_params(self, group: dict[str, Any], tensors: _GroupTensors, created: set[int]) -> None:
-        """The fp32 master copies of the group's bf16/fp16 params (made on their first step)."""
-        if not group["master_weights"] or not any(p.dtype in (torch.bfloat16, torch.float16) for p in tensors.params):
-            tensors.master_params = [None] * len(tensors.params)
-            return
+    @torch.no_grad()
+    def _init_state(self, group_index: int, group: dict[str, Any], param_index: int, param: Tensor,
+                    state: dict[str, Any]) -> None:
+        vector = group["vector"]
         unit_dim = group.get("unit_dim", 0)
-        for param in tensors.params:
-            state = self.state[param]
-            if id(param) in created and param.dtype in (torch.bfloat16, torch.float16):
-                if group["vector"]:
-                    master = new_exp_avg(param, unit_dim, torch.float32).copy_(param)
-                    # Unit in fp32, not only to bf16's precision: the projection assumes it.
-                    normalize_rows_(master, unit_dim)
-                else:
-                    master = param.detach().to(torch.float32, memory_format=torch.preserve_format).clone()
-                state["master_param"] = master
-            tensors.master_params.append(state.get("master_param"))
+        low_precision = param.dtype in (torch.bfloat16, torch.float16)
+        if vector:
+            # Unit rows from the first step on: normalized at construction (then this changes no
+            # bit), or frozen then and never normalized.
+            normalize_rows_(param, unit_dim)
+        # On the param's device, as fused Adam keeps it: the fused kernels read it there.
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        if vector:
+            dtype = state_dtype(param, vector)
+            state["exp_avg"] = new_exp_avg(param, unit_dim, dtype)
+            state["exp_avg_sq"] = torch.zeros(param.shape[unit_dim], dtype=dtype, device=param.device)
+        else:
+            # Scalars with a master copy or stochastic rounding are stepped in fp32: so is their state.
+            extended = low_precision and (group["master_weights"] or group["stochastic_rounding"])
+            dtype = torch.float32 if extended else param.dtype
+            state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        if group["stochastic_rounding"] and param.dtype == torch.bfloat16:
+            state["rounding_seed"] = torch.tensor(
+                tensor_seed(group_index, param_index), dtype=torch.int64, device=param.device
+            )
+        if group["master_weights"] and low_precision:
+            if vector:
+                master = new_exp_avg(param, unit_dim, torch.float32).copy_(param)
+                # Unit in fp32, not only to bf16's precision: the projection assumes it.
+                normalize_rows_(master, unit_dim)
+            else:
+                master = param.detach().to(torch.float32, memory_format=torch.preserve_format).clone()
+            state["master_param"] = master
 
     def _hyperparameters(self, group_index: int, group: dict[str, Any], device: torch.device) -> Tensor:
         """The group's (lr, β1, β2, ε) as a float64 [4] tensor on ``device``, which the kernels read.
@@ -539,8 +567,8 @@ class NDAdam(Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimization step.
 
-        Every gradient of every group is checked, and missing state created, before any tensor
-        is updated: an error leaves params and state as they were.
+        Every gradient of every group is checked before any state is created or tensor updated:
+        an error leaves params and state as they were.
 
         Args:
             closure: re-evaluates the model and returns the loss (optional).
@@ -550,35 +578,23 @@ class NDAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        collected: list[_GroupTensors] = []
-        created: list[Tensor] = []
-        try:
-            for group_index, group in enumerate(self.param_groups):
-                collected.append(self._init_group(group_index, group, created))
-        except Exception:
-            for param in created:
-                del self.state[param]
-            raise
-        # A vector tensor stepped for the first time has unit rows: normalized at construction
-        # (then this changes no bit), or frozen then and never normalized.
-        created_ids = {id(p) for p in created}
-        if created:
-            for group in self.param_groups:
-                if group["vector"]:
-                    normalize_rows_([p for p in group["params"] if id(p) in created_ids], group.get("unit_dim", 0))
+        collected: list[list[list[Any]]] = []
+        for group_index, group in enumerate(self.param_groups):
+            lists: list[list[Any]] = [[], [], [], [], [], [], []]
+            self._init_group(group_index, group, *lists)
+            collected.append(lists)
         # GradScaler's protocol (torch.amp.GradScaler sets these on the optimizer before step()).
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for group_index, (group, tensors) in enumerate(zip(self.param_groups, collected)):
-            if not tensors.params:
+        for group_index, (group, lists) in enumerate(zip(self.param_groups, collected)):
+            if not lists[0]:
                 continue
-            self._add_master_params(group, tensors, created_ids)
             beta1, beta2 = group["betas"]
-            # One call per (device, dtype), as torch's fused optimizers group (in C++): within a
-            # call every param has a master copy or none, a rounding seed or none.
-            grouped = Optimizer._group_tensors_by_device_and_dtype(tensors.lists())
-            for (device, _), (lists, _) in grouped.items():
-                params, grads, exp_avgs, exp_avg_sqs, state_steps, master_params, rounding_seeds = lists
+            # One call per (device, dtype): within a call every param has a master copy or none,
+            # a rounding seed or none.
+            for device, (params, grads, exp_avgs, exp_avg_sqs, state_steps, master_params, rounding_seeds) in (
+                _by_device_and_dtype(lists)
+            ):
                 ndadam(
                     params, grads, exp_avgs, exp_avg_sqs, state_steps,
                     vector=group["vector"], lr=group["lr"], beta1=beta1, beta2=beta2,
@@ -594,8 +610,8 @@ class NDAdam(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict.
 
-        Vector state keeps its fp32 (fp64) dtype and row-contiguous layout whatever the param's
-        dtype; a plain-number ``step`` (older checkpoints) becomes a tensor; each group keeps the
+        Vector state and master copies keep their fp32 (fp64) dtype and row-contiguous layout
+        whatever the param's dtype; a plain-number ``step`` (older checkpoints) becomes a tensor; each group keeps the
         backend it was built with (the backend belongs to this machine, not to the checkpoint).
         """
         saved_groups = state_dict["param_groups"]
@@ -645,6 +661,13 @@ class NDAdam(Optimizer):
             else:
                 state["exp_avg"] = saved_state["exp_avg"].to(device=param.device, dtype=dtype)
             state["exp_avg_sq"] = saved_state["exp_avg_sq"].to(device=param.device, dtype=dtype)
+            master = saved_state.get("master_param")
+            if isinstance(master, Tensor):
+                # torch cast it to the param's dtype: the master copy is fp32 by definition.
+                if vector:
+                    state["master_param"] = new_exp_avg(param, unit_dim, torch.float32).copy_(master)
+                else:
+                    state["master_param"] = master.to(device=param.device, dtype=torch.float32)
             step = saved_state.get("step")
             if step is not None:
                 step_value = step if isinstance(step, Tensor) else torch.tensor(float(step))

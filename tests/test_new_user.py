@@ -86,14 +86,14 @@ def test_a_backend_that_cannot_run_is_found_before_any_group_is_updated(monkeypa
     opt = NDAdam([{"params": [w]}, {"params": [v], "backend": "native"}], lr=0.1)
     # The extension became unusable after construction (say, a rebuild against another torch).
     monkeypatch.setitem(backends._REASONS, "native", lambda device: "ndadam_fused._C could not be imported")
-    backends._resolve.cache_clear()
+    backends.clear_resolved()
     w.grad, v.grad = torch.randn(3, 4), torch.randn(2, 5)
     before = _snapshot([w, v])
     with pytest.raises(RuntimeError, match=r"backend 'native' is not available on cpu"):
         opt.step()
     assert _same(before, [w, v]) and len(opt.state) == 0
     monkeypatch.undo()
-    backends._resolve.cache_clear()
+    backends.clear_resolved()
 
 
 # ---------------------------------------------------------------- 2. non-contiguous scalar gradients

@@ -11,7 +11,6 @@ oracle every other backend is tested against.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from types import ModuleType
@@ -90,10 +89,18 @@ def resolve(name: str, device: torch.device | str) -> ModuleType:
     ``"auto"`` takes the fastest available backend. A backend asked for by name that cannot
     run raises RuntimeError saying why and how to get it; there is no silent fallback.
     """
-    return _resolve(name, torch.device(device))
+    device = torch.device(device)
+    module = _RESOLVED.get((name, device))
+    if module is None:
+        module = _resolve(name, device)
+        _RESOLVED[(name, device)] = module
+    return module
 
 
-@functools.lru_cache(maxsize=None)
+# A plain dict (not functools.lru_cache): torch.compile traces a lookup in it.
+_RESOLVED: dict[tuple[str, torch.device], ModuleType] = {}
+
+
 def _resolve(name: str, device: torch.device) -> ModuleType:
     if name == "auto":
         name = auto_backend(device)
@@ -101,6 +108,11 @@ def _resolve(name: str, device: torch.device) -> ModuleType:
     if reason is not None:
         raise RuntimeError(f"NDAdam backend {name!r} is not available on {device}: {reason}")
     return _module(name)
+
+
+def clear_resolved() -> None:
+    """Forget which module each (backend, device) resolved to (after an install or in tests)."""
+    _RESOLVED.clear()
 
 
 def auto_backend(device: torch.device | str) -> str:

@@ -106,9 +106,43 @@ def adam_step(
 
 def _adam(lists, lr, beta1, beta2, eps, weight_decay, *, fused: bool, grad_scale=None, found_inf=None) -> None:
     params, grads, exp_avgs, exp_avg_sqs, state_steps = lists
+    if fused:
+        # One opaque op for torch.compile (torch marks its fused Adam as not traceable, which
+        # would break the graph inside our step).
+        fused_adam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
+                    grad_scale, found_inf)
+        return
     adam(
         params, grads, exp_avgs, exp_avg_sqs, [], state_steps,
-        foreach=False, fused=fused, capturable=False, differentiable=False, amsgrad=False,
+        foreach=False, fused=False, capturable=False, differentiable=False, amsgrad=False,
+        beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
+    )
+
+
+@torch.library.custom_op("ndadam_fused_scalars::fused_adam_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "state_steps"))
+def fused_adam_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    lr: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """torch's fused Adam (L2 weight decay) as one custom op; lr is a 0-dim tensor on the params' device."""
+    adam(
+        params, grads, exp_avgs, exp_avg_sqs, [], state_steps,
+        foreach=False, fused=True, capturable=False, differentiable=False, amsgrad=False,
         beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
         grad_scale=grad_scale, found_inf=found_inf,
     )
+
+
+@fused_adam_.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf):
+    return None
