@@ -18,13 +18,18 @@ Environment switches:
 
 Install with `pip install --no-build-isolation -e .` (pip would otherwise build against a fresh
 torch in an isolated environment), or build in place with `python setup.py build_ext --inplace`.
+A plain `pip install .` builds in an isolated environment without torch, so it installs the
+package without the extension; the sources go into the package as ndadam_fused/_csrc/ (see
+BuildPy), and the extension is built from them at first use (ndadam_fused/backends/_jit.py).
 """
 
+import glob
 import os
 import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["csrc/ndadam_op.cpp", "csrc/cpu/vector_step_cpu.cpp"]
@@ -105,7 +110,29 @@ def _extension_build():
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+class BuildPy(build_py):
+    """build_py that also puts csrc/ into the package as ndadam_fused/_csrc/.
+
+    An installed package has no repository root beside it: the build at first use
+    (ndadam_fused/backends/_jit.py) compiles these copies. An editable install reads csrc/ in
+    place, so nothing is copied there.
+    """
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        for source in glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True):
+            if not source.endswith((".h", ".cpp", ".cu")):
+                continue
+            relative = os.path.relpath(source, os.path.join(ROOT, "csrc"))
+            target = os.path.join(self.build_lib, "ndadam_fused", "_csrc", relative)
+            self.mkpath(os.path.dirname(target))
+            self.copy_file(source, target)
+
+
 ext_modules, cmdclass = _extension_build()
+cmdclass = {**cmdclass, "build_py": BuildPy}
 setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
