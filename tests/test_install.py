@@ -176,7 +176,13 @@ def _no_ninja_path(tmp_path: Path) -> str:
     "case, reason",
     [
         ("missing compiler", "no C++ compiler: '/nonexistent/c++' was not found (CXX is set to it)"),
-        ("no ninja", "ninja was not found on the PATH; `pip install ninja`"),
+        (
+            "no ninja",
+            # `pip install ninja` puts it beside the interpreter, where the message points.
+            f"ninja was not found on the PATH; it is in {Path(sys.executable).parent}: activate that environment"
+            if (Path(sys.executable).parent / "ninja").is_file()
+            else "ninja was not found on the PATH; `pip install ninja`",
+        ),
         ("opted out", "NDADAM_NO_JIT_BUILD=1 is set"),
     ],
 )

@@ -106,7 +106,12 @@ def _missing_tools() -> str | None:
             + "; install one (e.g. `apt install g++`) or point CXX to it"
         )
     if not cpp_extension.is_ninja_available():
-        return "ninja was not found on the PATH; `pip install ninja` (in an activated environment) or install ninja"
+        # torch runs `ninja` from the PATH; `pip install ninja` puts it beside this Python, which
+        # is on the PATH only in an activated environment.
+        beside_python = Path(sys.executable).parent / "ninja"
+        if beside_python.is_file():
+            return f"ninja was not found on the PATH; it is in {beside_python.parent}: activate that environment or add it to the PATH"
+        return "ninja was not found on the PATH; `pip install ninja` (then activate the environment, so that it is on the PATH)"
     include = sysconfig.get_paths()["include"]
     if not os.path.isfile(os.path.join(include, "Python.h")):
         return f"the Python headers are missing ({include}/Python.h); install them (e.g. `apt install python3-dev`)"
