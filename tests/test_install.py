@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -33,24 +34,32 @@ TORCH_LOG_MARK = "torch/utils/cpp_extension.py"
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Path:
-    """`pip install --target` of a clean copy of the source tree, without the extension."""
-    base = tmp_path_factory.mktemp("install")
-    source = base / "source"
+def source_tree(tmp_path_factory) -> Path:
+    """A clean copy of what a clone holds for the build: no compiled extension, no leftovers."""
+    source = tmp_path_factory.mktemp("source") / "ndadam_fused-source"
     source.mkdir()
     for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "CMakeLists.txt"):
         shutil.copy2(ROOT / name, source / name)
-    # No compiled extension and no build leftovers of the checkout: a fresh clone's tree.
     ignore = shutil.ignore_patterns("*.so", "__pycache__", "*.egg-info")
     for name in ("ndadam_fused", "csrc"):
         shutil.copytree(ROOT / name, source / name, ignore=ignore)
+    return source
+
+
+@pytest.fixture(scope="module")
+def installed(source_tree, tmp_path_factory) -> Path:
+    """`pip install --target` of the source tree, without the extension."""
+    base = tmp_path_factory.mktemp("install")
+    source = source_tree
     target = base / "site-packages"
     env = {**os.environ, "NDADAM_NO_EXTENSION": "1"}
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
          "--target", str(target), str(source)],
-        check=True, env=env, cwd=base, capture_output=True, timeout=300,
+        env=env, cwd=base, capture_output=True, text=True, timeout=300,
     )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (base / "pip-output.txt").write_text(result.stdout + result.stderr)
     return target
 
 
@@ -91,6 +100,40 @@ def test_install_ships_types_license_and_sources(installed):
                    "cpu/ndadam_cpu_rows.h", "cuda/vector_step_cuda.cu"):
         assert (package / "_csrc" / source).read_bytes() == (ROOT / "csrc" / source).read_bytes(), source
     assert not list(package.glob("_C*.so")), "this install was meant to have no compiled extension"
+    # setuptools >= 77 deprecates the `license = {text = ...}` table (PEP 639: an SPDX string).
+    build_output = (installed.parent / "pip-output.txt").read_text()
+    assert "project.license" not in build_output, build_output
+
+
+def test_sdist_ships_types_license_and_sources(source_tree, tmp_path):
+    script = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=source_tree, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "NDADAM_NO_EXTENSION": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    with tarfile.open(tmp_path / result.stdout.strip().splitlines()[-1]) as sdist:
+        names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    expected = {"LICENSE", "ndadam_fused/py.typed", "CMakeLists.txt"} | {
+        str(path.relative_to(ROOT)) for path in (ROOT / "csrc").rglob("*") if path.suffix in (".h", ".cpp", ".cu")
+    }
+    assert expected <= names, sorted(expected - names)
+
+
+def test_lock_notice_only_where_a_lock_file_can_outlive_its_builder(tmp_path):
+    from ndadam_fused.backends import _jit
+
+    class TorchBefore214:  # cpp_extension with FileBaton: the lock is a file
+        pass
+
+    class Torch214:  # cpp_extension with FileLock: an OS lock that dies with its holder
+        FileLock = object
+
+    assert _jit._lock_notice(tmp_path, TorchBefore214) is None  # no build under way
+    (tmp_path / "lock").touch()
+    notice = _jit._lock_notice(tmp_path, TorchBefore214)
+    assert notice is not None and str(tmp_path / "lock") in notice and "delete that file" in notice
+    assert _jit._lock_notice(tmp_path, Torch214) is None
 
 
 FIRST_USE_SCRIPT = """

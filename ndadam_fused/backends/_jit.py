@@ -132,7 +132,7 @@ def _built_library(directory: Path, name: str, sources: list[Path]) -> bool:
     return all(source.stat().st_mtime <= built for source in sources)
 
 
-def _lock_notice(directory: Path, cpp_extension: ModuleType) -> str | None:
+def _lock_notice(directory: Path, cpp_extension: object) -> str | None:
     """The line to print before waiting on another process's build, where that wait can hang.
 
     torch before 2.14 serializes builds with a lock FILE whose mere existence makes a second
@@ -167,7 +167,7 @@ def load_extension() -> ModuleType:
     torch < 2.14, one more line says what to do if that wait is on a killed build).
     """
     if _flag(OPT_OUT_VARIABLE):
-        raise JitBuildError(f"{OPT_OUT_VARIABLE}=1 is set, so it is not built at first use")
+        raise JitBuildError(f"{OPT_OUT_VARIABLE}=1 is set")
     csrc = sources_directory()
     if csrc is None:
         raise JitBuildError(
