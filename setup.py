@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 
+import setuptools
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
@@ -131,9 +132,20 @@ class BuildPy(build_py):
             self.copy_file(source, target)
 
 
+def _license_metadata():
+    """MIT, as the metadata field each setuptools knows: License-Expression (PEP 639) from 77 on.
+
+    LICENSE ships in both cases (setuptools' default license-files patterns).
+    """
+    if int(setuptools.__version__.split(".")[0]) >= 77:
+        return {"license_expression": "MIT"}
+    return {"license": "MIT"}
+
+
 ext_modules, cmdclass = _extension_build()
 cmdclass = {**cmdclass, "build_py": BuildPy}
 setup(
+    **_license_metadata(),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},

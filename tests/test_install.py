@@ -103,6 +103,11 @@ def test_install_ships_types_license_and_sources(installed):
     # setuptools >= 77 deprecates the `license = {text = ...}` table (PEP 639: an SPDX string).
     build_output = (installed.parent / "pip-output.txt").read_text()
     assert "project.license" not in build_output, build_output
+    metadata = next(installed.glob("ndadam_fused-*.dist-info/METADATA")).read_text().splitlines()
+    import setuptools
+
+    field = "License-Expression: MIT" if int(setuptools.__version__.split(".")[0]) >= 77 else "License: MIT"
+    assert field in metadata and "License-File: LICENSE" in metadata, metadata[:30]
 
 
 def test_sdist_ships_types_license_and_sources(source_tree, tmp_path):
