@@ -25,6 +25,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -253,3 +254,39 @@ def test_cannot_build_warns_once_and_steps_on_the_reference(installed, tmp_path,
     assert "with the 'reference' backend" in warning and "10-20x slower" in warning
     assert not any(line.startswith(BUILD_LINE) for line in result.stderr.splitlines()), result.stderr
     assert not extensions.exists(), "nothing may be built when the tools are missing"
+
+
+def _nvcc_found() -> bool:
+    from torch.utils import cpp_extension
+
+    return cpp_extension.CUDA_HOME is not None and (Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc").is_file()
+
+
+FIRST_CUDA_USE_SCRIPT = """
+import torch
+from ndadam_fused import NDAdam, backends
+from ndadam_fused.backends import native
+assert native._C is None, "the installed copy should have no compiled extension"
+p = torch.nn.Parameter(torch.randn(4, 6, device="cuda"))
+opt = NDAdam([p], lr=0.1)
+p.grad = torch.randn(4, 6, device="cuda")
+opt.step()
+assert backends.resolve("auto", "cuda") is native
+assert native._C.BUILT_WITH_CUDA == 1
+import backend_cases
+for dtype in (torch.float64, torch.float32):
+    backend_cases.compare_with_reference("native", backend_cases.SECTION_7_SHAPES, dtype, 25, device="cuda")
+print("ok")
+"""
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and _nvcc_found()), reason="needs a GPU, a CUDA build of torch and nvcc (CUDA_HOME)"
+)
+def test_first_step_on_a_gpu_builds_the_cuda_kernel(installed, tmp_path):
+    """On a GPU machine the build at first use holds the CUDA kernel too (a few minutes)."""
+    extensions = tmp_path / "torch_extensions"
+    result = _run(installed, FIRST_CUDA_USE_SCRIPT, tmp_path, TORCH_EXTENSIONS_DIR=str(extensions), NDADAM_NO_CUDA=None)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    lines = _own_stderr_lines(result)
+    assert len(lines) == 1 and lines[0].startswith(BUILD_LINE) and "CPU and CUDA kernels" in lines[0], lines
