@@ -233,6 +233,7 @@ def _no_ninja_path(tmp_path: Path) -> str:
             else "ninja was not found on the PATH; `pip install ninja`",
         ),
         ("opted out", "NDADAM_NO_JIT_BUILD=1 is set"),
+        ("compile error", "failed (the whole output: "),
     ],
 )
 def test_cannot_build_warns_once_and_steps_on_the_reference(installed, tmp_path, case, reason):
@@ -242,8 +243,21 @@ def test_cannot_build_warns_once_and_steps_on_the_reference(installed, tmp_path,
         env["CXX"] = "/nonexistent/c++"
     elif case == "no ninja":
         env["PATH"] = _no_ninja_path(tmp_path)
-    else:
+    elif case == "opted out":
         env["NDADAM_NO_JIT_BUILD"] = "1"
+    else:
+        # A compiler that answers torch's version checks and fails on every source file, as a
+        # compile error does: the build starts, and the compiler's words are reported.
+        compiler = shutil.which("c++")
+        assert compiler is not None, "the test needs a C++ compiler to wrap"
+        failing = tmp_path / "failing-c++"
+        failing.write_text(
+            "#!/bin/sh\n"
+            'case " $* " in *" -c "*) echo "failing-c++: error: this compiler always fails" >&2; exit 1;; esac\n'
+            f'exec {compiler} "$@"\n'
+        )
+        failing.chmod(0o755)
+        env["CXX"] = str(failing)
     result = _run(installed, CANNOT_BUILD_SCRIPT, tmp_path, **env)
     assert result.returncode == 0, result.stderr
     native_error = next(line for line in result.stdout.splitlines() if line.startswith("NATIVE:"))
@@ -252,8 +266,16 @@ def test_cannot_build_warns_once_and_steps_on_the_reference(installed, tmp_path,
         assert reason in message, message
         assert "pip install --no-build-isolation ." in message, message
     assert "with the 'reference' backend" in warning and "10-20x slower" in warning
-    assert not any(line.startswith(BUILD_LINE) for line in result.stderr.splitlines()), result.stderr
-    assert not extensions.exists(), "nothing may be built when the tools are missing"
+    build_lines = [line for line in result.stderr.splitlines() if line.startswith(BUILD_LINE)]
+    if case == "compile error":
+        # It said it was building; the compiler's own words are in the reason and in the log.
+        assert len(build_lines) == 1, result.stderr
+        assert "this compiler always fails" in warning, warning
+        (log,) = extensions.glob("*/build-error.log")
+        assert str(log) in warning and "this compiler always fails" in log.read_text()
+    else:
+        assert build_lines == [], result.stderr
+        assert not extensions.exists(), "nothing may be built when the tools are missing"
 
 
 def _nvcc_found() -> bool:

@@ -28,6 +28,7 @@ import importlib.machinery
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import sys
 import sysconfig
@@ -99,7 +100,7 @@ def _missing_tools() -> str | None:
     from torch.utils import cpp_extension
 
     compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
+    if not compiler.strip() or shutil.which(shlex.split(compiler)[0]) is None:
         return (
             f"no C++ compiler: {compiler!r} was not found"
             + (" (CXX is set to it)" if "CXX" in os.environ else "")
@@ -120,7 +121,7 @@ def _missing_tools() -> str | None:
 
 def _summary(error: BaseException, limit: int = 600) -> str:
     """The end of a build error (the compiler's last words), on one line."""
-    text = " ".join(str(error).split())
+    text = " ".join(str(error).split()).rstrip(".")
     return text if len(text) <= limit else "... " + text[-limit:]
 
 
@@ -216,4 +217,6 @@ def load_extension() -> ModuleType:
     except JitBuildError:
         raise
     except Exception as error:  # compiler errors surface as RuntimeError, a bad library as ImportError/OSError
-        raise JitBuildError(f"building it in {directory} failed: {_summary(error)}") from error
+        log = directory / "build-error.log"
+        log.write_text(f"{type(error).__name__}: {error}\n")
+        raise JitBuildError(f"building it in {directory} failed (the whole output: {log}): {_summary(error)}") from error
