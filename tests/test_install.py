@@ -235,6 +235,7 @@ def _no_ninja_path(tmp_path: Path) -> str:
         ("opted out", "NDADAM_NO_JIT_BUILD=1 is set"),
         ("compile error", "failed (the whole output: "),
     ],
+    ids=["missing-compiler", "no-ninja", "opted-out", "compile-error"],
 )
 def test_cannot_build_warns_once_and_steps_on_the_reference(installed, tmp_path, case, reason):
     extensions = tmp_path / "torch_extensions"
