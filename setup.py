@@ -18,13 +18,19 @@ Environment switches:
 
 Install with `pip install --no-build-isolation -e .` (pip would otherwise build against a fresh
 torch in an isolated environment), or build in place with `python setup.py build_ext --inplace`.
+A plain `pip install .` builds in an isolated environment without torch, so it installs the
+package without the extension; the sources go into the package as ndadam_fused/_csrc/ (see
+BuildPy), and the extension is built from them at first use (ndadam_fused/backends/_jit.py).
 """
 
+import glob
 import os
 import shutil
 import sys
 
+import setuptools
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["csrc/ndadam_op.cpp", "csrc/cpu/vector_step_cpu.cpp"]
@@ -105,8 +111,41 @@ def _extension_build():
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+class BuildPy(build_py):
+    """build_py that also puts csrc/ into the package as ndadam_fused/_csrc/.
+
+    An installed package has no repository root beside it: the build at first use
+    (ndadam_fused/backends/_jit.py) compiles these copies. An editable install reads csrc/ in
+    place, so nothing is copied there.
+    """
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        for source in glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True):
+            if not source.endswith((".h", ".cpp", ".cu")):
+                continue
+            relative = os.path.relpath(source, os.path.join(ROOT, "csrc"))
+            target = os.path.join(self.build_lib, "ndadam_fused", "_csrc", relative)
+            self.mkpath(os.path.dirname(target))
+            self.copy_file(source, target)
+
+
+def _license_metadata():
+    """MIT, as the metadata field each setuptools knows: License-Expression (PEP 639) from 77 on.
+
+    LICENSE ships in both cases (setuptools' default license-files patterns).
+    """
+    if int(setuptools.__version__.split(".")[0]) >= 77:
+        return {"license_expression": "MIT"}
+    return {"license": "MIT"}
+
+
 ext_modules, cmdclass = _extension_build()
+cmdclass = {**cmdclass, "build_py": BuildPy}
 setup(
+    **_license_metadata(),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},

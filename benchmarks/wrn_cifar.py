@@ -11,6 +11,11 @@ Data: the python-pickle CIFAR batches (``cifar-10-batches-py/`` or ``cifar-100-p
 https://www.cs.toronto.edu/~kriz/cifar.html ships them); nothing is downloaded. The whole data set
 sits on the device as uint8 and is augmented there with torch ops (no torchvision, no workers).
 
+Files from elsewhere are not trusted: the batches are read by an unpickler that builds only what
+they hold (numpy arrays, dicts, lists, numbers, bytes), and ``--checkpoint`` holds only what
+``torch.load(weights_only=True)`` loads (tensors, state dicts, plain numbers and strings) and is
+read that way, so neither can run code.
+
 On a GPU machine::
 
     python -m benchmarks.wrn_cifar --data /path/to/cifar-10-batches-py --dataset cifar10 \\
@@ -24,6 +29,8 @@ On a GPU machine::
 from __future__ import annotations
 
 import argparse
+import codecs
+import importlib
 import json
 import math
 import pickle
@@ -69,9 +76,64 @@ class CifarData:
     test_labels: Tensor
 
 
+def _numpy_function(name: str, modules: tuple[str, ...]):
+    for module in modules:
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"numpy has no {name} in any of {modules}")
+
+
+def _allowed_batch_globals() -> dict[tuple[str, str], object]:
+    """Every global a CIFAR batch pickle refers to, under each name numpy has had for it.
+
+    The original files (Python 2, numpy 1) name ``numpy.core.multiarray._reconstruct``; a batch
+    pickled again by numpy 2 names ``numpy._core``, with protocol 5 ``_frombuffer``; Python 3's
+    protocols 0-2 write bytes as ``_codecs.encode``.
+    """
+    import numpy as np
+
+    reconstruct = _numpy_function("_reconstruct", ("numpy._core.multiarray", "numpy.core.multiarray"))
+    frombuffer = _numpy_function("_frombuffer", ("numpy._core.numeric", "numpy.core.numeric"))
+    allowed: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
+    }
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{package}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+class CifarBatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds only numpy arrays and builtin containers, numbers and strings.
+
+    A pickle can name any importable callable and call it while loading; a downloaded file is
+    not trusted to name only numpy's array constructors, so every other name is refused.
+    """
+
+    def __init__(self, file, *, source: str) -> None:
+        super().__init__(file, encoding="bytes")
+        self._source = source
+        self._allowed = _allowed_batch_globals()
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"wrn_cifar: {self._source} refers to {module}.{name}, which no CIFAR batch holds (they hold only "
+                "numpy arrays, lists, numbers and bytes); refusing to load it"
+            ) from None
+
+
 def _unpickle(path: Path) -> dict:
     with path.open("rb") as handle:
-        batch = pickle.load(handle, encoding="bytes")
+        batch = CifarBatchUnpickler(handle, source=str(path)).load()
+    if not isinstance(batch, dict):
+        raise ValueError(f"wrn_cifar: {path} holds a {type(batch).__name__}, not a CIFAR batch (a dict)")
     # The batches were pickled by Python 2: keys are bytes.
     return {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
 
@@ -200,6 +262,22 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, mean: Tensor, std
     return wrong / len(images), loss / len(images)
 
 
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    """A checkpoint written by :func:`main`, read with ``weights_only=True``.
+
+    It holds the epoch, the run's settings (strings, numbers, booleans), the model's, optimizer's
+    and schedule's state dicts and the generator's state (a uint8 tensor): all of it loads
+    without unpickling arbitrary objects, so a file from elsewhere cannot run code here.
+    """
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise SystemExit(
+            f"wrn_cifar: {path} holds objects that torch.load(weights_only=True) refuses to load, so it is not a "
+            f"checkpoint this script wrote; not loading it (it could run code). torch said: {error}"
+        ) from None
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Train a wide residual network on CIFAR-10/100 with ND-Adam and regularized softmax, "
@@ -279,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     first_epoch = 1
     run_config = {key: getattr(args, key) for key in RESUME_MUST_MATCH}
     if args.checkpoint is not None and args.checkpoint.exists():
-        saved = torch.load(args.checkpoint, map_location=device, weights_only=False)
+        saved = load_checkpoint(args.checkpoint, device)
         changed = {key: (saved["config"].get(key), value) for key, value in run_config.items() if saved["config"].get(key) != value}
         if changed:
             raise SystemExit(

@@ -426,6 +426,8 @@ p.grad = torch.randn(3, 4)
 opt.step()
 print("ok")
 """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # NDADAM_NO_JIT_BUILD=1: the package would otherwise build the extension at first use
+    # (tests/test_install.py tests that).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "NDADAM_NO_JIT_BUILD": "1"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

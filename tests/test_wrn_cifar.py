@@ -1,6 +1,7 @@
 """benchmarks/wrn_cifar.py: the paper's full setting, exercised on CPU with a tiny WRN and synthetic data."""
 
 import json
+import os
 import pickle
 
 import numpy as np
@@ -93,7 +94,7 @@ def test_checkpoint_resumes_where_it_stopped(tmp_path, capsys, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         wrn_cifar.main(run + ["--checkpoint", str(resumed_checkpoint)])
     monkeypatch.setattr(torch, "save", real_save)
-    assert torch.load(resumed_checkpoint, weights_only=False)["epoch"] == 2
+    assert torch.load(resumed_checkpoint, weights_only=True)["epoch"] == 2
     capsys.readouterr()
 
     wrn_cifar.main(run + ["--checkpoint", str(resumed_checkpoint)])
@@ -103,9 +104,37 @@ def test_checkpoint_resumes_where_it_stopped(tmp_path, capsys, monkeypatch):
     assert [r["epoch"] for r in resumed] == [3]
     for key in ("lr", "train_loss", "train_error", "test_error", "test_loss"):
         assert resumed[0][key] == straight[2][key]
-    straight_model = torch.load(straight_checkpoint, weights_only=False)["model"]
-    for key, value in torch.load(resumed_checkpoint, weights_only=False)["model"].items():
+    straight_model = torch.load(straight_checkpoint, weights_only=True)["model"]
+    for key, value in torch.load(resumed_checkpoint, weights_only=True)["model"].items():
         torch.testing.assert_close(value, straight_model[key], rtol=0, atol=0)
+
+
+class _MakesADirectoryWhenUnpickled:
+    """A pickle payload that runs code on load: unpickling it calls os.mkdir(path)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    checkpoint = tmp_path / "run.pt"
+    wrn_cifar.main(TINY + ["--epochs", "2", "--checkpoint", str(checkpoint)])
+    saved = torch.load(checkpoint, weights_only=True)
+    marker = tmp_path / "code-ran"
+    saved["schedule"]["payload"] = _MakesADirectoryWhenUnpickled(marker)
+    crafted = tmp_path / "crafted.pt"
+    torch.save(saved, crafted)
+    # The payload is real: an unrestricted load runs it.
+    torch.load(crafted, weights_only=False)
+    assert marker.is_dir()
+    marker.rmdir()
+
+    with pytest.raises(SystemExit, match="crafted.pt holds objects that torch.load\\(weights_only=True\\) refuses"):
+        wrn_cifar.main(TINY + ["--epochs", "2", "--checkpoint", str(crafted)])
+    assert not marker.exists()
 
 
 def test_checkpoint_of_another_run_is_refused(tmp_path):
@@ -141,9 +170,17 @@ def test_random_crop_flip():
     assert 5 < flipped < 45
 
 
-def _write_pickle(path, payload):
+def _write_pickle(path, payload, protocol=pickle.DEFAULT_PROTOCOL):
     with path.open("wb") as handle:
-        pickle.dump(payload, handle)
+        pickle.dump(payload, handle, protocol=protocol)
+
+
+def _as_python2_numpy_pickle(payload) -> bytes:
+    """``payload`` pickled as the original CIFAR files are: protocol 2, numpy's arrays named by
+    numpy 1's module path (GLOBAL opcodes are newline-terminated text, so renaming is safe)."""
+    data = pickle.dumps(payload, protocol=2)
+    assert b"cnumpy._core.multiarray\n_reconstruct\n" in data
+    return data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
 
 
 def test_loads_the_python_pickle_batches(tmp_path):
@@ -154,8 +191,15 @@ def test_loads_the_python_pickle_batches(tmp_path):
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, 3).tolist()
-        # The real files were written by Python 2: bytes keys.
-        _write_pickle(cifar10 / name, {b"data": data, b"labels": labels, b"batch_label": name.encode()})
+        # The real files were written by Python 2: bytes keys. A third of them are written as
+        # those files are (protocol 2, numpy 1's names), the others as numpy 2 writes them today
+        # with protocol 4 (_reconstruct) and 5 (_frombuffer).
+        batch = {b"data": data, b"labels": labels, b"batch_label": name.encode(), b"filenames": [b"x.png"] * 3}
+        style = len(batches) % 3
+        if style == 0:
+            (cifar10 / name).write_bytes(_as_python2_numpy_pickle(batch))
+        else:
+            _write_pickle(cifar10 / name, batch, protocol=3 + style)
         batches.append((data, labels))
     loaded = wrn_cifar.load_cifar(tmp_path, "cifar10")  # the parent folder works too
     assert loaded.train_images.shape == (15, 3, 32, 32) and loaded.train_images.dtype == torch.uint8
@@ -177,3 +221,26 @@ def test_loads_the_python_pickle_batches(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="--synthetic"):
         wrn_cifar.load_cifar(tmp_path / "nothing", "cifar10")
+
+
+@pytest.mark.parametrize(
+    "payload, refused",
+    [
+        (_MakesADirectoryWhenUnpickled("MARKER"), f"{os.mkdir.__module__}.mkdir"),
+        ({b"data": __import__("collections").OrderedDict(), b"labels": []}, "collections.OrderedDict"),
+        ({b"data": np.zeros((1, 3072), dtype=np.uint8), b"labels": [1], b"extra": np.float64(1.0)}, r"numpy\._?core\.multiarray\.scalar"),
+    ],
+    ids=["code", "other-class", "numpy-scalar"],
+)
+def test_batches_that_hold_anything_else_are_refused(tmp_path, payload, refused):
+    marker = tmp_path / "code-ran"
+    if isinstance(payload, _MakesADirectoryWhenUnpickled):
+        payload = {b"data": payload, b"labels": []}
+        payload[b"data"].path = str(marker)
+    cifar10 = tmp_path / "cifar-10-batches-py"
+    cifar10.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _write_pickle(cifar10 / name, payload)
+    with pytest.raises(pickle.UnpicklingError, match=f"data_batch_1 refers to {refused}.*refusing to load it"):
+        wrn_cifar.load_cifar(cifar10, "cifar10")
+    assert not marker.exists()

@@ -13,14 +13,32 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+import warnings
 from types import ModuleType
 
 import torch
 
-__all__ = ["BACKEND_NAMES", "auto_backend", "available_backends", "check_name", "resolve", "unavailable_reason"]
+__all__ = [
+    "BACKEND_NAMES",
+    "SlowBackendWarning",
+    "auto_backend",
+    "available_backends",
+    "check_name",
+    "resolve",
+    "unavailable_reason",
+]
 
 #: Backends that can be asked for by name, fastest first (see auto_backend).
 BACKEND_NAMES = ("native", "triton", "reference")
+
+
+class SlowBackendWarning(UserWarning):
+    """``"auto"`` fell back to the reference backend because no fused backend could be had."""
+
+
+_slow_backend_warned = False
+
 
 def _triton_reason(device: torch.device) -> str | None:
     if importlib.util.find_spec("triton") is None:
@@ -86,8 +104,11 @@ def _module(name: str) -> ModuleType:
 def resolve(name: str, device: torch.device | str) -> ModuleType:
     """The implementation module for backend ``name`` on ``device``.
 
-    ``"auto"`` takes the fastest available backend. A backend asked for by name that cannot
-    run raises RuntimeError saying why and how to get it; there is no silent fallback.
+    ``"auto"`` takes the fastest available backend; on CPU and CUDA this builds the native
+    extension when it is missing (the first step of a process pays for it, once). When "auto"
+    ends up on the reference backend there, the process gets one :class:`SlowBackendWarning`
+    saying why and how to fix it. A backend asked for by name that cannot run raises
+    RuntimeError saying why and how to get it; there is no silent fallback.
     """
     device = torch.device(device)
     module = _RESOLVED.get((name, device))
@@ -101,9 +122,39 @@ def resolve(name: str, device: torch.device | str) -> ModuleType:
 _RESOLVED: dict[tuple[str, torch.device], ModuleType] = {}
 
 
+def _caller_stacklevel() -> int:
+    """warnings.warn's stacklevel of the first frame outside this package and torch (the step
+    hooks, no_grad): the user's ``opt.step()`` line, whichever path led here."""
+    inside = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_slow_fallback(device: torch.device) -> None:
+    global _slow_backend_warned
+    if _slow_backend_warned:
+        return
+    _slow_backend_warned = True
+    reason = _native_reason(device)
+    if device.type == "cuda":
+        reason += f"; and the 'triton' backend is not available either: {_triton_reason(device)}"
+    warnings.warn(
+        f"ndadam_fused: NDAdam(backend='auto') steps {device.type} tensors with the 'reference' backend, "
+        f"Algorithm 1 in plain PyTorch, about 10-20x slower than the fused 'native' backend, because "
+        f"{reason}",
+        SlowBackendWarning,
+        stacklevel=_caller_stacklevel(),
+    )
+
+
 def _resolve(name: str, device: torch.device) -> ModuleType:
     if name == "auto":
         name = auto_backend(device)
+        # Only CPU and CUDA have a fused backend to miss; elsewhere the reference is all there is.
+        if name == "reference" and device.type in ("cpu", "cuda"):
+            _warn_slow_fallback(device)
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise RuntimeError(f"NDAdam backend {name!r} is not available on {device}: {reason}")
@@ -116,7 +167,8 @@ def clear_resolved() -> None:
 
 
 def auto_backend(device: torch.device | str) -> str:
-    """What ``"auto"`` means on ``device``: native when built, else triton on CUDA, else reference.
+    """What ``"auto"`` means on ``device``: native when built (or buildable at first use, which
+    this then does), else triton on CUDA, else reference.
 
     Triton on CPU is its interpreter, a testing tool, so "auto" never picks it there.
     """

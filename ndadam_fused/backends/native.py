@@ -17,32 +17,44 @@ tests set it to force either path.
 from __future__ import annotations
 
 import functools
+import threading
+from types import ModuleType
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
+from . import _jit
 from .scalars import adam_step
 
-__all__ = ["SINGLE_PASS_MAX_ROW_LENGTH", "scalar_step", "unavailable_reason", "vector_step"]
+__all__ = ["SINGLE_PASS_MAX_ROW_LENGTH", "extension", "scalar_step", "unavailable_reason", "vector_step"]
 
 #: Rows longer than this take the statistics path; None means the compiled default (8192).
 #: On CUDA it cannot exceed the default: the exact path keeps the whole row in registers.
 SINGLE_PASS_MAX_ROW_LENGTH: int | None = None
 
 _HOW_TO_BUILD = (
-    "build it from the repository root with `pip install --no-build-isolation -e .` "
-    "(or `python setup.py build_ext --inplace`); this needs a C++ compiler and ninja"
+    "It is built at first use where a C++ compiler and ninja are found (unless "
+    f"{_jit.OPT_OUT_VARIABLE}=1); or build it ahead from the source tree with "
+    "`pip install --no-build-isolation -e .` (or `pip install --no-build-isolation .`, "
+    "or `python setup.py build_ext --inplace`)"
 )
 
+# The extension: the one built at install time (setup.py, CMake) when it imports; otherwise it
+# is built at first use by extension() below, and stays None when that is impossible.
 try:
     from .. import _C
 except (ImportError, OSError) as error:  # not built, or built against another torch
     _C = None
-    _IMPORT_ERROR = f"{type(error).__name__}: {error}"
+    _IMPORT_ERROR: str | None = f"{type(error).__name__}: {error}"
 else:
     _IMPORT_ERROR = None
+#: Why the build at first use failed (None: not tried, or it worked).
+_BUILD_ERROR: str | None = None
+_build_lock = threading.Lock()
 
+
+def _register_fake() -> None:
     @torch.library.register_fake("ndadam_fused::vector_step_")
     def _vector_step_fake(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps, max_single_pass_row_length=-1
@@ -51,22 +63,53 @@ else:
         return None
 
 
+if _C is not None:
+    _register_fake()
+
+
+def extension() -> ModuleType | None:
+    """``ndadam_fused._C``; built at first call (see :mod:`._jit`) when the install did not build it.
+
+    None when it is neither built nor buildable; :func:`unavailable_reason` then says why.
+    """
+    global _C, _BUILD_ERROR
+    if _C is not None or _BUILD_ERROR is not None:
+        return _C
+    with _build_lock:
+        if _C is None and _BUILD_ERROR is None:
+            try:
+                module = _jit.load_extension()
+            except _jit.JitBuildError as error:
+                _BUILD_ERROR = str(error)
+            else:
+                _register_fake()
+                _C = module
+    return _C
+
+
 def unavailable_reason(device: torch.device) -> str | None:
-    """None when the extension can step tensors on ``device``, else why not and how to build it."""
+    """None when the extension can step tensors on ``device``, else why not and how to build it.
+
+    On CPU and CUDA devices this builds the extension first when it is missing (:func:`extension`).
+    """
     device = torch.device(device)
-    if _C is None:
-        return f"the compiled extension ndadam_fused._C could not be imported ({_IMPORT_ERROR}); {_HOW_TO_BUILD}"
+    if device.type not in ("cpu", "cuda"):
+        return f"the native kernels run on CPU and CUDA tensors, not {device.type}"
+    if extension() is None:
+        return (
+            f"the compiled extension ndadam_fused._C is not built ({_IMPORT_ERROR}) and was not built at "
+            f"first use: {_BUILD_ERROR}. {_HOW_TO_BUILD}"
+        )
     if device.type == "cpu":
         return None
-    if device.type == "cuda":
-        if _C.BUILT_WITH_CUDA:
-            return None
-        return (
-            "ndadam_fused._C was built without its CUDA kernel (a CPU build of torch, no nvcc found, or "
-            "NDADAM_NO_CUDA=1); rebuild it with nvcc on the PATH and CUDA_HOME set to the CUDA toolkit, "
-            "e.g. `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .`"
-        )
-    return f"the native kernels run on CPU and CUDA tensors, not {device.type}"
+    if _C.BUILT_WITH_CUDA:
+        return None
+    return (
+        "ndadam_fused._C was built without its CUDA kernel (a CPU build of torch, no nvcc found, or "
+        "NDADAM_NO_CUDA=1); rebuild it with nvcc on the PATH and CUDA_HOME set to the CUDA toolkit, "
+        "e.g. `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .`, or, for the build at "
+        "first use, set CUDA_HOME so that nvcc is found and start Python again"
+    )
 
 
 def _refuse_unbuilt_features(grad_scale, found_inf, master_params, rounding_seeds) -> None:
