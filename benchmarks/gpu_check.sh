@@ -41,7 +41,15 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
 fi
 export TORCH_CUDA_ARCH_LIST
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}"
+# The toolkit: $CUDA_HOME, else the one whose nvcc is on the PATH, else the usual location.
+if [ -z "${CUDA_HOME:-}" ]; then
+  if command -v nvcc >/dev/null 2>&1; then
+    CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")")
+  else
+    CUDA_HOME=/usr/local/cuda
+  fi
+fi
+export CUDA_HOME
 # A failed compile of the extension must fail here, not fall back to a pure-Python install.
 export NDADAM_REQUIRE_EXTENSION=1
 stage install 300 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
@@ -56,7 +64,8 @@ stage no-cuda-test-skipped 10 "$PY" -c "import sys, xml.etree.ElementTree as ET;
 
 stage benchmark 300 "$PY" -m benchmarks.step --device cuda --out "$OUT" \
   --sets gpt2-medium,transformer-1.3b,wrn-28-10,many-small
-stage targets 30 sh -c "\"$PY\" -m benchmarks.check_targets \"$OUT/step_cuda.csv\" | tee \"$OUT/targets_cuda.txt\""
+# bash with pipefail: the verdict's exit status, not tee's, decides the stage (dash has no pipefail).
+stage targets 30 bash -o pipefail -c '"$1" -m benchmarks.check_targets "$2/step_cuda.csv" | tee "$2/targets_cuda.txt"' _ "$PY" "$OUT"
 
 if [ ${#failed[@]} -eq 0 ]; then
   echo "gpu check: every stage passed" | tee -a "$LOG"
