@@ -1,0 +1,154 @@
+"""The Triton backend's host code: cached tables, alignment, hyperparameters, the zero-step guard.
+
+Each test here was written against a bug planted in the host code (issue 13 item 9) that the
+rest of the suite did not see, and fails on it. They compare values with the reference
+backend, never launch arguments.
+"""
+
+import os
+
+import pytest
+import torch
+
+from ndadam_fused import NDAdam
+from ndadam_fused.backends import triton_backend
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = ["cpu"] if INTERPRETER else (["cuda"] if torch.cuda.is_available() else [])
+FP64_TOLERANCE = 1e-10
+
+
+def _assert_same_params(params, references):
+    for p, r in zip(params, references):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=0, atol=FP64_TOLERANCE)
+
+
+class _FixedAddresses:
+    """Param, grad and state of ONE vector parameter carved from fixed flat buffers, so that a
+    second parameter of another shape but the same element count gets exactly the same
+    addresses for every tensor the backend sees."""
+
+    def __init__(self, numel, device):
+        self.param = torch.empty(numel, dtype=torch.float64, device=device)
+        self.grad = torch.empty(numel, dtype=torch.float64, device=device)
+        self.exp_avg = torch.empty(numel, dtype=torch.float64, device=device)
+        self.exp_avg_sq = torch.empty(numel, dtype=torch.float64, device=device)
+        self.step = torch.empty(1, dtype=torch.float32, device=device)
+
+    def optimizer(self, shape, backend, generator):
+        rows = shape[0]
+        param = torch.nn.Parameter(self.param.view(shape))
+        param.data.copy_(torch.randn(shape, generator=generator, dtype=torch.float64))
+        opt = NDAdam([param], lr=0.1, betas=(0.9, 0.99), backend=backend)
+        self.exp_avg.zero_()
+        self.exp_avg_sq.zero_()
+        self.step.zero_()
+        opt.state[param] = {
+            "step": self.step.view(()),
+            "exp_avg": self.exp_avg.view(shape),
+            "exp_avg_sq": self.exp_avg_sq[:rows],
+        }
+        param.grad = self.grad.view(shape)
+        return param, opt
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_addresses_with_a_new_shape_get_a_new_table(device):
+    """Planted bug: a cache key without the params' shapes. A 4x12 and a 6x8 parameter at the
+    same addresses would share the 4x12 table (rows 12 long where they are 8)."""
+    triton_buffers, reference_buffers = _FixedAddresses(48, device), _FixedAddresses(48, device)
+    for shape in [(4, 12), (6, 8), (4, 12)]:
+        generators = [torch.Generator().manual_seed(sum(shape)) for _ in range(2)]
+        param, opt = triton_buffers.optimizer(shape, "triton", generators[0])
+        reference, ref_opt = reference_buffers.optimizer(shape, "reference", generators[1])
+        for _ in range(2):
+            grad = torch.randn(shape, generator=generators[0], dtype=torch.float64)
+            param.grad.copy_(grad)
+            reference.grad.copy_(grad)
+            opt.step()
+            ref_opt.step()
+        assert param.data_ptr() == triton_buffers.param.data_ptr()
+        _assert_same_params([param], [reference])
+        torch.testing.assert_close(opt.state[param]["exp_avg"], ref_opt.state[reference]["exp_avg"], rtol=0, atol=FP64_TOLERANCE)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_views_off_16_byte_alignment_are_stepped_right(device, dtype):
+    """Planted bug: an alignment flag that ignores ``data_ptr() % 16``. Rows of 8 elements are
+    a multiple of 16 bytes, but a view one element into a flat buffer does not start on 16
+    bytes: with 128-bit accesses (or offsets rounded to them) it would read its neighbour."""
+    generator = torch.Generator().manual_seed(3)
+    flat = torch.randn(1 + 6 * 8 + 7, generator=generator, dtype=dtype).to(device)
+    flat_grad = torch.empty(1 + 6 * 8, dtype=dtype, device=device)
+    aligned = torch.nn.Parameter(torch.randn(6, 8, generator=generator, dtype=dtype).to(device))
+    shifted = torch.nn.Parameter(flat[1 : 1 + 48].view(6, 8))
+    assert shifted.data_ptr() % 16 != 0 and aligned.data_ptr() % 16 == 0
+    references = [torch.nn.Parameter(p.detach().clone()) for p in (aligned, shifted)]
+    opt = NDAdam([aligned, shifted], lr=0.1, backend="triton")
+    ref_opt = NDAdam(references, lr=0.1, backend="reference")
+    for _ in range(3):
+        aligned.grad = torch.randn(6, 8, generator=generator, dtype=dtype).to(device)
+        flat_grad.copy_(torch.randn(1 + 48, generator=generator, dtype=dtype))
+        shifted.grad = flat_grad[1:].view(6, 8)
+        for p, r in zip((aligned, shifted), references):
+            r.grad = p.grad.clone()
+        opt.step()
+        ref_opt.step()
+    tolerance = FP64_TOLERANCE if dtype == torch.float64 else 1e-6
+    for p, r in zip((aligned, shifted), references):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=0, atol=tolerance)
+    # The rest of the flat buffer is not the optimizer's: it must be untouched.
+    torch.testing.assert_close(flat[49:].cpu(), torch.randn(1 + 6 * 8 + 7, generator=torch.Generator().manual_seed(3), dtype=dtype)[49:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("limit", [None, 0], ids=["exact", "statistics"])
+def test_eps_zero_with_zero_gradients_is_a_zero_step(monkeypatch, device, limit):
+    """Planted bug: the ``denom > 0`` guard removed. With eps = 0 and a gradient that was
+    always 0 (v = 0, m = 0), the step is 0/0: the reference takes a zero step, the row
+    stays what it was, and so must the kernel's (no NaN)."""
+    if limit is not None:
+        monkeypatch.setattr(triton_backend, "SINGLE_PASS_MAX", limit)
+    generator = torch.Generator().manual_seed(5)
+    shapes = [(3, 10), (2, 1), (1, 7)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=torch.float64).to(device)) for s in shapes]
+    references = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = NDAdam(params, lr=0.1, eps=0.0, backend="triton")
+    ref_opt = NDAdam(references, lr=0.1, eps=0.0, backend="reference")
+    start = [p.detach().clone() for p in params]
+    for _ in range(3):
+        for p, r in zip(params, references):
+            p.grad = torch.zeros_like(p)
+            r.grad = torch.zeros_like(r)
+        opt.step()
+        ref_opt.step()
+    for p, s in zip(params, start):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p.detach(), s, rtol=0, atol=FP64_TOLERANCE)
+    _assert_same_params(params, references)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lr_schedule_with_gradients_updated_in_place_steps_with_each_lr(device):
+    """Planted bug: the hyperparameter tensor written only while unset. With gradients updated
+    in place the cached table is reused at every step, and the kernel would keep the first lr."""
+    generator = torch.Generator().manual_seed(7)
+    weights = [torch.nn.Parameter(torch.randn(5, 9, generator=generator, dtype=torch.float64).to(device)) for _ in range(2)]
+    references = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    opt = NDAdam(weights, lr=0.2, backend="triton")
+    ref_opt = NDAdam(references, lr=0.2, backend="reference")
+    schedules = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.3) for o in (opt, ref_opt)]
+    for w, r in zip(weights, references):
+        w.grad = torch.zeros_like(w)
+        r.grad = torch.zeros_like(r)
+    for _ in range(4):
+        for w, r in zip(weights, references):
+            grad = torch.randn(5, 9, generator=generator, dtype=torch.float64)
+            w.grad.copy_(grad)
+            r.grad.copy_(grad)
+        opt.step()
+        ref_opt.step()
+        for schedule in schedules:
+            schedule.step()
+    _assert_same_params(weights, references)
