@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -63,14 +64,104 @@ _TABLE_FIELDS = 9  # param, grad, exp_avg, exp_avg_sq, step, rows, row_len, tile
 _ALIGN_ROW_ELEMENTS = tl.constexpr(8)
 _NUM_WARPS = 8
 
+# Under the interpreter the kernel runs as NumPy, which never contracts a product into an FMA;
+# compiled, the products that must round on their own are written as PTX.
+_INTERPRETER = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def _product_rn(x, y):
+    """x*y rounded to nearest on its own: never contracted with a neighbouring add into an FMA.
+
+    ||g||² = b - 2a² + a²c subtracts nearly equal terms (a² = b on a row of length 1); with
+    both products rounded as b was, the difference is exactly 0 and a length-1 row stays ±1.
+    Contracted, fma(-2a, a, b) keeps the exact a² and leaves twice b's rounding error.
+    """
+    if _INTERPRETER:
+        return x * y
+    elif x.dtype == tl.float64:
+        return tl.inline_asm_elementwise("mul.rn.f64 $0, $1, $2;", "=d,d,d", [x, y], dtype=tl.float64, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [x, y], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _bias_corrections(hyper, step):
+    """(1 - β1^t, 1 - β2^t) in float64 for the float32 step ``t``; hyper: float64 [lr, β1, β2, ε].
+
+    β^t = 2^(t log2 β) in float64 (libdevice, round-to-nearest grade; exact for β = 0 since
+    log2 0 = -inf): a few ulp of float32 error in β2^t would grow about 100x in 1 - β2^t at t = 1.
+    """
+    t = step.to(tl.float64)
+    bias_correction1 = 1.0 - tl.exp2(t * tl.log2(tl.load(hyper + 1)))
+    bias_correction2 = 1.0 - tl.exp2(t * tl.log2(tl.load(hyper + 2)))
+    return bias_correction1, bias_correction2
+
+
+@triton.jit
+def _first_moment_weights(hyper, STATE_DTYPE: tl.constexpr):
+    """(β1, 1 - β1) rounded once from float64 to the state dtype, as the reference's scalars are."""
+    beta1 = tl.load(hyper + 1)
+    return beta1.to(STATE_DTYPE), (1.0 - beta1).to(STATE_DTYPE)
+
+
+@triton.jit
+def _second_moment(hyper, v, g_sq):
+    """v' = β2 v + (1-β2) ||g||² in float64 (a per-row scalar: no flush of a subnormal v')."""
+    beta2 = tl.load(hyper + 2)
+    return beta2 * v.to(tl.float64) + (1.0 - beta2) * g_sq.to(tl.float64)
+
+
+@triton.jit
+def _step_size(hyper, v_new, bias_correction1, bias_correction2):
+    """s = α / (1-β1^t) / (sqrt(v' / (1-β2^t)) + ε), float64 in and out (sqrt.rn, div.rn).
+
+    A denominator of 0 (ε = 0 and every projected gradient so far 0, so m' = 0) divides by 1,
+    as the reference does: the step is 0, not 0/0.
+    """
+    denom = tl.sqrt(v_new / bias_correction2) + tl.load(hyper + 3)
+    denom = tl.where(denom > 0, denom, 1.0)
+    return tl.load(hyper + 0) / bias_correction1 / denom
+
+
+@triton.jit
+def _inverse_sqrt(sq_norm):
+    """1 / sqrt(x) for a per-row x, in float64 (sqrt.rn, div.rn: no approximation, no flush)."""
+    return 1.0 / tl.sqrt(sq_norm.to(tl.float64))
+
+
+@triton.jit
+def _projected_dots(a, b, c, d, f):
+    """(||g||², m·g, w·g) from a = ḡ·w, b = ḡ·ḡ, c = w·w, d = m·w, f = m·ḡ, in the state dtype:
+    ||g||² = b - 2a² + a²c (clamped at 0), m·g = f - a·d, w·g = a - a·c, every product
+    rounded on its own (see _product_rn)."""
+    a_sq = _product_rn(a, a)
+    g_sq = tl.maximum((b - (a_sq + a_sq)) + _product_rn(a_sq, c), 0.0)
+    return g_sq, f - _product_rn(a, d), a - _product_rn(a, c)
+
+
+@triton.jit
+def _updated_row_sq_norm(hyper, step_size, c, d, e, g_sq, m_dot_g, w_dot_g):
+    """||w - s m'||² from the row statistics, in float64 (step_size float64):
+    ||m'||² = β1² e + 2β1(1-β1)(m·g) + (1-β1)² ||g||² (clamped at 0), w·m' = β1 d + (1-β1)(w·g),
+    ||w̄||² = c - 2s (w·m') + s² ||m'||²."""
+    beta1 = tl.load(hyper + 1)
+    one_minus_beta1 = 1.0 - beta1
+    m_new_sq = beta1 * beta1 * e.to(tl.float64) + 2.0 * beta1 * one_minus_beta1 * m_dot_g.to(tl.float64) \
+        + one_minus_beta1 * one_minus_beta1 * g_sq.to(tl.float64)
+    m_new_sq = tl.maximum(m_new_sq, 0.0)
+    w_dot_m_new = beta1 * d.to(tl.float64) + one_minus_beta1 * w_dot_g.to(tl.float64)
+    return c.to(tl.float64) - 2.0 * step_size * w_dot_m_new + step_size * step_size * m_new_sq
+
 
 @triton.jit
 def _exact_tile(
     param, grad, exp_avg, exp_avg_sq, first_row, rows, row_len,
-    lr, beta1, beta2, eps, bias_correction1, bias_correction2,
+    hyper, bias_correction1, bias_correction2,
     ROWS: tl.constexpr, COLS: tl.constexpr, PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
 ):
     """Exact single-pass step of up to ROWS rows of one tensor, each at most COLS long."""
+    beta1, one_minus_beta1 = _first_moment_weights(hyper, STATE_DTYPE)
     row_ids = first_row + tl.arange(0, ROWS)
     cols = tl.arange(0, COLS)
     row_mask = row_ids < rows
@@ -84,29 +175,27 @@ def _exact_tile(
 
     radial = tl.sum(g_bar * w, axis=1)
     g = g_bar - radial[:, None] * w
-    m = beta1 * m + (1 - beta1) * g
-    v = beta2 * v + (1 - beta2) * tl.sum(g * g, axis=1)
-    denom = tl.sqrt(v / bias_correction2) + eps
-    # v' = 0 means every projected gradient so far was 0 (so m' = 0): a zero step, not 0/0.
-    denom = tl.where(denom > 0, denom, 1.0)
-    step_size = lr / bias_correction1 / denom
+    m = beta1 * m + one_minus_beta1 * g
+    v = _second_moment(hyper, v, tl.sum(g * g, axis=1))
+    step_size = _step_size(hyper, v, bias_correction1, bias_correction2).to(STATE_DTYPE)
     w_bar = w - step_size[:, None] * m
-    norm = tl.sqrt(tl.sum(w_bar * w_bar, axis=1))
-    norm = tl.where(row_mask, norm, 1.0)
-    w_new = w_bar / norm[:, None]
+    # Masked rows have ||w̄|| = 0: give them 1 so that no lane divides by 0.
+    inverse_norm = _inverse_sqrt(tl.where(row_mask, tl.sum(w_bar * w_bar, axis=1), 1.0)).to(STATE_DTYPE)
+    w_new = w_bar * inverse_norm[:, None]
 
     tl.store(exp_avg + offsets, m, mask=mask)
-    tl.store(exp_avg_sq + row_ids, v, mask=row_mask)
+    tl.store(exp_avg_sq + row_ids, v.to(STATE_DTYPE), mask=row_mask)
     tl.store(param + offsets, w_new.to(PARAM_DTYPE), mask=mask)
 
 
 @triton.jit
 def _statistics_row(
     param, grad, exp_avg, exp_avg_sq, row, row_len,
-    lr, beta1, beta2, eps, bias_correction1, bias_correction2,
+    hyper, bias_correction1, bias_correction2,
     CHUNK: tl.constexpr, PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
 ):
     """Two-pass step of one long row: six dot products, the closed forms, one elementwise pass."""
+    beta1, one_minus_beta1 = _first_moment_weights(hyper, STATE_DTYPE)
     base = row.to(tl.int64) * row_len
     cols = tl.arange(0, CHUNK)
     sum_gw = tl.zeros([CHUNK], dtype=STATE_DTYPE)  # a = ḡ·w
@@ -134,18 +223,12 @@ def _statistics_row(
     e = tl.sum(sum_mm, axis=0)
     f = tl.sum(sum_mg, axis=0)
 
-    g_sq = tl.maximum(b - 2 * a * a + a * a * c, 0.0)  # ||g||², clamped: it cancels when ḡ ∥ w
-    m_dot_g = f - a * d
-    w_dot_g = a - a * c
-    v = beta2 * tl.load(exp_avg_sq + row) + (1 - beta2) * g_sq
-    m_new_sq = beta1 * beta1 * e + 2 * beta1 * (1 - beta1) * m_dot_g + (1 - beta1) * (1 - beta1) * g_sq
-    w_dot_m_new = beta1 * d + (1 - beta1) * w_dot_g
-    denom = tl.sqrt(v / bias_correction2) + eps
-    denom = tl.where(denom > 0, denom, 1.0)
-    step_size = lr / bias_correction1 / denom
-    w_bar_sq = c - 2 * step_size * w_dot_m_new + step_size * step_size * m_new_sq
-    inv_norm = 1.0 / tl.sqrt(w_bar_sq)
-    tl.store(exp_avg_sq + row, v)
+    g_sq, m_dot_g, w_dot_g = _projected_dots(a, b, c, d, f)
+    v = _second_moment(hyper, tl.load(exp_avg_sq + row), g_sq)
+    step_size = _step_size(hyper, v, bias_correction1, bias_correction2)
+    inv_norm = _inverse_sqrt(_updated_row_sq_norm(hyper, step_size, c, d, e, g_sq, m_dot_g, w_dot_g)).to(STATE_DTYPE)
+    step_size = step_size.to(STATE_DTYPE)
+    tl.store(exp_avg_sq + row, v.to(STATE_DTYPE))
 
     for start in range(0, row_len, CHUNK):
         mask = start + cols < row_len
@@ -153,7 +236,7 @@ def _statistics_row(
         w = tl.load(param + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
         g_bar = tl.load(grad + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
         m = tl.load(exp_avg + offsets, mask=mask, other=0.0)
-        m = beta1 * m + (1 - beta1) * (g_bar - a * w)
+        m = beta1 * m + one_minus_beta1 * (g_bar - a * w)
         tl.store(exp_avg + offsets, m, mask=mask)
         tl.store(param + offsets, ((w - step_size * m) * inv_norm).to(PARAM_DTYPE), mask=mask)
 
@@ -171,7 +254,7 @@ def _ndadam_rows_kernel(
 
     param_base: *PARAM_DTYPE, state_base: *STATE_DTYPE (the addresses table offsets count from);
     tensor_table: int64 [n_tensors, 9]; tile_table: int32 [n_programs, 2];
-    hyper: STATE_DTYPE [4] = (lr, β1, β2, ε). PARAM_VEC, STATE_VEC: elements per 16 bytes.
+    hyper: float64 [4] = (lr, β1, β2, ε). PARAM_VEC, STATE_VEC: elements per 16 bytes.
     """
     tile = tl.program_id(0)
     tensor = tl.load(tile_table + 2 * tile).to(tl.int64)
@@ -181,19 +264,13 @@ def _ndadam_rows_kernel(
     grad_offset = tl.load(entry + 1)
     exp_avg_offset = tl.load(entry + 2)
     exp_avg_sq = tl.load(entry + 3).to(tl.pointer_type(STATE_DTYPE))
-    step = tl.load(tl.load(entry + 4).to(tl.pointer_type(tl.float32))).to(STATE_DTYPE)
+    step = tl.load(tl.load(entry + 4).to(tl.pointer_type(tl.float32)))
     rows = tl.load(entry + 5)
     row_len = tl.load(entry + 6)
     tile_class = tl.load(entry + 7)
     aligned = tl.load(entry + 8)
 
-    lr = tl.load(hyper + 0)
-    beta1 = tl.load(hyper + 1)
-    beta2 = tl.load(hyper + 2)
-    eps = tl.load(hyper + 3)
-    # β^t as 2^(t log2 β): exact for β = 0 (log2 0 = -inf), and no recompile as t grows.
-    bias_correction1 = 1 - tl.exp2(step * tl.log2(beta1))
-    bias_correction2 = 1 - tl.exp2(step * tl.log2(beta2))
+    bias_correction1, bias_correction2 = _bias_corrections(hyper, step)
 
     if aligned != 0:
         # The host checked that these offsets and row lengths are multiples of 16 bytes. Written
@@ -203,18 +280,18 @@ def _ndadam_rows_kernel(
                   param_base + (grad_offset // PARAM_VEC) * PARAM_VEC,
                   state_base + (exp_avg_offset // STATE_VEC) * STATE_VEC,
                   exp_avg_sq, first_row, rows, (row_len // _ALIGN_ROW_ELEMENTS) * _ALIGN_ROW_ELEMENTS,
-                  tile_class, lr, beta1, beta2, eps, bias_correction1, bias_correction2,
+                  tile_class, hyper, bias_correction1, bias_correction2,
                   COLS0, ROWS0, COLS1, ROWS1, COLS2, ROWS2, SINGLE_ROW_COLS, STATISTICS_CHUNK, PARAM_DTYPE, STATE_DTYPE)
     else:
         _dispatch(param_base + param_offset, param_base + grad_offset, state_base + exp_avg_offset,
                   exp_avg_sq, first_row, rows, row_len,
-                  tile_class, lr, beta1, beta2, eps, bias_correction1, bias_correction2,
+                  tile_class, hyper, bias_correction1, bias_correction2,
                   COLS0, ROWS0, COLS1, ROWS1, COLS2, ROWS2, SINGLE_ROW_COLS, STATISTICS_CHUNK, PARAM_DTYPE, STATE_DTYPE)
 
 
 @triton.jit
 def _dispatch(
-    param, grad, exp_avg, exp_avg_sq, first_row, rows, row_len, tile_class, lr, beta1, beta2, eps,
+    param, grad, exp_avg, exp_avg_sq, first_row, rows, row_len, tile_class, hyper,
     bias_correction1, bias_correction2,
     COLS0: tl.constexpr, ROWS0: tl.constexpr, COLS1: tl.constexpr, ROWS1: tl.constexpr,
     COLS2: tl.constexpr, ROWS2: tl.constexpr, SINGLE_ROW_COLS: tl.constexpr, STATISTICS_CHUNK: tl.constexpr,
@@ -222,19 +299,19 @@ def _dispatch(
 ):
     """The tile's path: one exact tile shape per class, or the statistics path."""
     if tile_class == 0:
-        _exact_tile(param, grad, exp_avg, exp_avg_sq, first_row, rows, row_len, lr, beta1, beta2, eps,
+        _exact_tile(param, grad, exp_avg, exp_avg_sq, first_row, rows, row_len, hyper,
                     bias_correction1, bias_correction2, ROWS0, COLS0, PARAM_DTYPE, STATE_DTYPE)
     elif tile_class == 1:
-        _exact_tile(param, grad, exp_avg, exp_avg_sq, first_row, rows, row_len, lr, beta1, beta2, eps,
+        _exact_tile(param, grad, exp_avg, exp_avg_sq, first_row, rows, row_len, hyper,
                     bias_correction1, bias_correction2, ROWS1, COLS1, PARAM_DTYPE, STATE_DTYPE)
     elif tile_class == 2:
-        _exact_tile(param, grad, exp_avg, exp_avg_sq, first_row, rows, row_len, lr, beta1, beta2, eps,
+        _exact_tile(param, grad, exp_avg, exp_avg_sq, first_row, rows, row_len, hyper,
                     bias_correction1, bias_correction2, ROWS2, COLS2, PARAM_DTYPE, STATE_DTYPE)
     elif tile_class == 3:
-        _exact_tile(param, grad, exp_avg, exp_avg_sq, first_row, rows, row_len, lr, beta1, beta2, eps,
+        _exact_tile(param, grad, exp_avg, exp_avg_sq, first_row, rows, row_len, hyper,
                     bias_correction1, bias_correction2, 1, SINGLE_ROW_COLS, PARAM_DTYPE, STATE_DTYPE)
     else:
-        _statistics_row(param, grad, exp_avg, exp_avg_sq, first_row, row_len, lr, beta1, beta2, eps,
+        _statistics_row(param, grad, exp_avg, exp_avg_sq, first_row, row_len, hyper,
                         bias_correction1, bias_correction2, STATISTICS_CHUNK, PARAM_DTYPE, STATE_DTYPE)
 
 
@@ -264,7 +341,7 @@ class RowTable:
     n_programs: int
     base_index: int  # the tensor whose param and exp_avg addresses the offsets count from
     single_row_cols: int
-    hyper: Tensor  # STATE_DTYPE [4]: lr, β1, β2, ε
+    hyper: Tensor  # float64 [4]: lr, β1, β2, ε
     hyper_values: list  # what `hyper` holds, as Python numbers (None: unknown)
 
 
@@ -321,7 +398,7 @@ def row_table(params, grads, exp_avgs, exp_avg_sqs, state_steps, single_pass_max
         n_programs=len(tiles),
         base_index=base,
         single_row_cols=max(triton.next_power_of_2(max(single_pass_max, 1)), TILE_CLASSES[-1][0]),
-        hyper=torch.zeros(4, dtype=state_dtype, device=device),
+        hyper=torch.zeros(4, dtype=torch.float64, device=device),
         hyper_values=[None] * 4,
     )
     _TABLE_CACHE[key] = table
@@ -341,14 +418,46 @@ def _set_hyper(table: RowTable, lr: float | Tensor, beta1: float, beta2: float, 
             table.hyper_values[index] = value
 
 
-def _launch(table: RowTable, param_base: Tensor, state_base: Tensor) -> None:
+def _launch_constexprs(param_dtype: torch.dtype, state_dtype: torch.dtype, single_row_cols: int) -> dict:
+    """The kernel's compile-time arguments for a group of ``param_dtype`` params."""
     (cols0, rows0), (cols1, rows1), (cols2, rows2) = TILE_CLASSES
+    return dict(
+        PARAM_DTYPE=_TL_DTYPES[param_dtype], STATE_DTYPE=_TL_DTYPES[state_dtype],
+        PARAM_VEC=16 // param_dtype.itemsize, STATE_VEC=16 // state_dtype.itemsize,
+        COLS0=cols0, ROWS0=rows0, COLS1=cols1, ROWS1=rows1, COLS2=cols2, ROWS2=rows2,
+        SINGLE_ROW_COLS=single_row_cols, STATISTICS_CHUNK=STATISTICS_CHUNK,
+    )
+
+
+_POINTER_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+
+
+def default_specializations() -> list[dict]:
+    """Every compiled form of the kernel that a default launch can use, for ahead-of-time checks
+    (tests compile each for sm_90): name, kernel, signature, constexprs, attrs, num_warps."""
+    specializations = []
+    for param_dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        state_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
+        constexprs = _launch_constexprs(param_dtype, state_dtype, max(triton.next_power_of_2(SINGLE_PASS_MAX), TILE_CLASSES[-1][0]))
+        signature = {
+            "param_base": _POINTER_TYPES[param_dtype], "state_base": _POINTER_TYPES[state_dtype],
+            "tensor_table": "*i64", "tile_table": "*i32", "hyper": "*fp64",
+            **{name: "constexpr" for name in constexprs},
+        }
+        specializations.append(dict(
+            name=f"rows_{str(param_dtype).removeprefix('torch.')}", kernel=_ndadam_rows_kernel, signature=signature,
+            constexprs=constexprs,
+            # What the JIT tells the compiler about 16-byte aligned tensor arguments.
+            attrs={(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]},
+            num_warps=_NUM_WARPS,
+        ))
+    return specializations
+
+
+def _launch(table: RowTable, param_base: Tensor, state_base: Tensor) -> None:
     _ndadam_rows_kernel[(table.n_programs,)](
         param_base, state_base, table.tensor_table, table.tile_table, table.hyper,
-        PARAM_DTYPE=_TL_DTYPES[param_base.dtype], STATE_DTYPE=_TL_DTYPES[state_base.dtype],
-        PARAM_VEC=16 // param_base.element_size(), STATE_VEC=16 // state_base.element_size(),
-        COLS0=cols0, ROWS0=rows0, COLS1=cols1, ROWS1=rows1, COLS2=cols2, ROWS2=rows2,
-        SINGLE_ROW_COLS=table.single_row_cols, STATISTICS_CHUNK=STATISTICS_CHUNK,
+        **_launch_constexprs(param_base.dtype, state_base.dtype, table.single_row_cols),
         num_warps=_NUM_WARPS,
     )
 
