@@ -2,8 +2,9 @@
 
     python tests/sm90_compile.py OUT_DIR     (TRITON_INTERPRET must not be set)
 
-For every specialization a default launch can use (``triton_backend.default_specializations``)
-and for the probe kernels below, it writes ``OUT_DIR/<name>.ptx`` and prints one JSON object:
+For the kernel as each parameter set of benchmarks/param_sets.py gets it (float32 and
+float64), for one kernel per param dtype holding every code path, and for the probe kernels
+below, it writes ``OUT_DIR/<name>.ptx`` and prints one JSON object:
 ``{name: {"compile_s", "registers", "spill_stores", "spill_loads", "stack", "opcodes"}}`` where
 ``opcodes`` counts each PTX instruction with its modifiers (``fma.rn.f32``: 540). Registers
 and spills come from running Triton's own ptxas with ``-v`` on the PTX Triton emitted.
@@ -23,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -77,15 +79,17 @@ def opcode_counts(ptx: str) -> dict[str, int]:
 
 
 def ptxas_usage(ptx_path: Path, arch: str) -> dict[str, int]:
+    """Registers of the kernel (its call tree included), and the stack frames and spills of
+    the kernel and of every function it calls (the tile paths are separate functions)."""
     result = subprocess.run([ptxas_path(), f"-arch={arch}", "-v", str(ptx_path), "-o", os.devnull],
                             capture_output=True, text=True, check=True)
     text = result.stdout + result.stderr
-    registers = re.search(r"Used (\d+) registers", text)
-    spills = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    if registers is None or spills is None:
+    registers = [int(n) for n in re.findall(r"Used (\d+) registers", text)]
+    frames = [tuple(map(int, m)) for m in re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)]
+    if not registers or not frames:
         raise RuntimeError(f"unexpected ptxas output:\n{text}")
-    return {"registers": int(registers.group(1)), "stack": int(spills.group(1)),
-            "spill_stores": int(spills.group(2)), "spill_loads": int(spills.group(3))}
+    return {"registers": max(registers), "functions": len(frames), "stack": max(f[0] for f in frames),
+            "spill_stores": sum(f[1] for f in frames), "spill_loads": sum(f[2] for f in frames)}
 
 
 def compile_one(spec: dict, out_dir: Path) -> dict:
@@ -100,13 +104,40 @@ def compile_one(spec: dict, out_dir: Path) -> dict:
     return {"compile_s": round(seconds, 2), "ptx": str(path), **ptxas_usage(path, arch), "opcodes": opcode_counts(ptx)}
 
 
+def set_specializations(dtypes=(torch.float32, torch.float64)) -> list[dict]:
+    """The kernel as a default launch compiles it for each parameter set of
+    benchmarks/param_sets.py (its vector tensors in one group), in each of ``dtypes``."""
+    from benchmarks import param_sets
+
+    specs = []
+    for dtype in dtypes:
+        for name in param_sets.SETS:
+            shapes = [s for s in param_sets.shapes(name) if len(s) >= 2]
+            plan = triton_backend.plan_for_shapes(shapes, dtype)
+            specs.append(triton_backend.kernel_specialization(dtype, plan.classes, f"set_{name}_{str(dtype).removeprefix('torch.')}"))
+    return specs
+
+
+def path_specializations() -> list[dict]:
+    """Per param dtype, a kernel with an exact tile and a statistics row, aligned and not: every
+    code path, for the checks of what the per-row arithmetic compiles to."""
+    specs = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        state = torch.float64 if dtype == torch.float64 else torch.float32
+        exact = [(*triton_backend.WIDTH_CLASSES[state, aligned][triton_backend.width_class(96, state_dtype=state, aligned=aligned)], aligned)
+                 for aligned in (True, False)]
+        classes = (*exact, (0, 0, 1, True), (0, 0, 1, False))
+        specs.append(triton_backend.kernel_specialization(dtype, classes, f"rows_{str(dtype).removeprefix('torch.')}"))
+    return specs
+
+
 def main(out_dir: str) -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"triton": triton.__version__}
-    for spec in triton_backend.default_specializations() + probes():
+    for spec in path_specializations() + set_specializations() + probes():
         report[spec["name"]] = compile_one(spec, out)
     print(json.dumps(report))
 

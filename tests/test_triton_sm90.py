@@ -72,3 +72,31 @@ def test_per_row_scalars_round_to_nearest_without_flush(sm90, name):
     assert _opcodes(sm90[name], lambda op: op.startswith(APPROXIMATE)) == {}
     assert _opcodes(sm90[name], lambda op: ".ftz" in op and op not in ("abs.ftz.f32", "rcp.approx.ftz.f64")) == {}
     assert opcodes.get("sqrt.rn.f64", 0) > 0 and opcodes.get("div.rn.f64", 0) > 0
+
+
+def _set_kernels(sm90):
+    return {name: entry for name, entry in sm90.items() if name.startswith("set_")}
+
+
+def test_every_set_kernel_fits_128_registers_without_spilling(sm90):
+    """Issue 13 item 1: the kernel each parameter set of benchmarks/param_sets.py compiles to
+    (float32 and float64, with the tile shapes its plan uses) stays within 128 registers per
+    thread (16 warps: one block of 512 threads fills an SM's 64K registers) and spills
+    nothing, in the kernel or in any tile path it calls."""
+    kernels = _set_kernels(sm90)
+    assert len(kernels) == 12
+    report = {name: (entry["registers"], entry["spill_stores"], entry["spill_loads"], entry["stack"]) for name, entry in kernels.items()}
+    for name, (registers, spill_stores, spill_loads, stack) in report.items():
+        assert registers <= 128 and spill_stores == 0 and spill_loads == 0 and stack == 0, (name, report)
+
+
+@pytest.mark.parametrize("name", ROW_SPECIALIZATIONS)
+def test_every_path_fits_128_registers_without_spilling(sm90, name):
+    entry = sm90[name]
+    assert entry["registers"] <= 128 and entry["spill_stores"] == 0 and entry["stack"] == 0, entry
+
+
+def test_aligned_rows_move_128_bits_per_access(sm90):
+    for name, entry in _set_kernels(sm90).items():
+        wide = ("ld.global.v4.b32", "st.global.v4.b32") if name.endswith("float32") else ("ld.global.v2.b64", "st.global.v2.b64")
+        assert all(entry["opcodes"].get(op, 0) > 0 for op in wide), (name, {k: v for k, v in entry["opcodes"].items() if "global" in k})
