@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+import backend_cases
+
 from ndadam_fused import NDAdam
 from ndadam_fused.backends import triton_backend
 
@@ -152,3 +154,149 @@ def test_lr_schedule_with_gradients_updated_in_place_steps_with_each_lr(device):
         for schedule in schedules:
             schedule.step()
     _assert_same_params(weights, references)
+
+
+# ---- issue 13 items 4-6: tables keyed without gradients, no host sync, steps in the kernel ----
+
+
+def _table_buffers():
+    """Addresses of every device buffer of every cached Triton table."""
+    tables = list(triton_backend._TABLE_CACHE.values()) + list(triton_backend._CAPTURED_TABLES.values())
+    return {buffer.data_ptr() for table in tables for part in table.parts
+            for buffer in (part.tensor_table, part.slot_table, part.tile_table, part.grad_offsets, part.hyper, part.arrivals)}
+
+
+class _HostTraffic:
+    """Records, while active, every Tensor.copy_ from host memory to the device (on the CPU:
+    into a Triton table's buffers) and every call that would make the host wait for a CUDA
+    device (item, tolist, cpu, synchronize)."""
+
+    def __init__(self, monkeypatch, device):
+        self.copies, self.syncs = [], []
+        self.active = False
+        copy = torch.Tensor.copy_
+
+        def recording_copy(tensor, source, non_blocking=False):
+            if self.active and source.device.type == "cpu":
+                if tensor.device.type == "cuda":
+                    self.copies.append((tensor.device.type, non_blocking, source.is_pinned()))
+                elif tensor.data_ptr() in _table_buffers():
+                    self.copies.append((tensor.device.type, non_blocking, None))
+            return copy(tensor, source, non_blocking)
+
+        monkeypatch.setattr(torch.Tensor, "copy_", recording_copy)
+        if device == "cuda":  # on the CPU these do not wait for anything (and the interpreter uses them)
+            for name in ("item", "tolist", "cpu"):
+                original = getattr(torch.Tensor, name)
+
+                def recording(tensor, *args, _original=original, _name=name, **kwargs):
+                    if self.active:
+                        self.syncs.append(_name)
+                    return _original(tensor, *args, **kwargs)
+
+                monkeypatch.setattr(torch.Tensor, name, recording)
+            synchronize = torch.cuda.synchronize
+            monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: (self.syncs.append("synchronize"), synchronize(*a, **k))[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fresh_gradients_at_every_step_rebuild_no_table_and_never_wait(monkeypatch, device):
+    """Issue 13 items 4 and 6: with new gradient tensors at every step (FSDP2,
+    zero_grad(set_to_none=True)), and a channels_last conv weight stepped through a buffer,
+    steady-state steps find their table (no rebuild), copy the gradients' offsets from pinned
+    memory asynchronously, and never wait for the device."""
+    generator = torch.Generator().manual_seed(17)
+    conv = torch.randn(8, 3, 3, 3, generator=generator, dtype=torch.float64).to(device).contiguous(memory_format=torch.channels_last)
+    weights = [torch.nn.Parameter(conv)] + [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=torch.float64).to(device)) for s in [(5, 7), (3, 64), (2, 1)]]
+    assert not weights[0].is_contiguous()
+    references = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    opt = NDAdam(weights, lr=0.1, backend="triton")
+    ref_opt = NDAdam(references, lr=0.1, backend="reference")
+    traffic = _HostTraffic(monkeypatch, device)
+    kept = []
+    for step in range(4):
+        grads = [torch.randn(w.shape, generator=generator, dtype=torch.float64).to(device) for w in weights]
+        grads[0] = grads[0].contiguous(memory_format=torch.channels_last)
+        kept.append([w.grad for w in weights])  # the old ones stay alive: the new ones get new addresses
+        for w, r, g in zip(weights, references, grads):
+            w.grad, r.grad = g, g.clone()
+        builds = triton_backend.table_builds
+        traffic.active = step > 0
+        opt.step()
+        traffic.active = False
+        ref_opt.step()
+        if step > 0:
+            assert triton_backend.table_builds == builds, "a steady-state step rebuilt its table"
+    assert traffic.syncs == []
+    assert traffic.copies and all(non_blocking for _, non_blocking, _ in traffic.copies), traffic.copies
+    assert all(pinned for where, _, pinned in traffic.copies if where == "cuda"), traffic.copies
+    assert not weights[0].is_contiguous()
+    _assert_same_params(weights, references)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_updated_in_place_copy_nothing(monkeypatch, device):
+    """With the gradients where they were at the last step, their offsets on the device are
+    still right: a steady-state step copies nothing from the host (lr unchanged)."""
+    weights = [torch.nn.Parameter(torch.randn(4, 6, dtype=torch.float64, device=device)) for _ in range(3)]
+    opt = NDAdam(weights, lr=0.1, backend="triton")
+    for w in weights:
+        w.grad = torch.randn_like(w)
+    opt.step()
+    traffic = _HostTraffic(monkeypatch, device)
+    traffic.active = True
+    for _ in range(2):
+        for w in weights:
+            w.grad.normal_()
+        opt.step()
+    assert traffic.copies == [] and traffic.syncs == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_moved_param_gets_a_new_table(device):
+    """The table is keyed on what stays put: replacing a param's storage rebuilds it."""
+    weights = [torch.nn.Parameter(torch.randn(4, 6, dtype=torch.float64, device=device)) for _ in range(2)]
+    references = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    opt = NDAdam(weights, lr=0.1, backend="triton")
+    ref_opt = NDAdam(references, lr=0.1, backend="reference")
+    for step in range(3):
+        if step == 2:
+            builds = triton_backend.table_builds
+            for w, r in zip(weights, references):
+                w.data = w.data.clone()
+        for w, r in zip(weights, references):
+            w.grad = torch.randn_like(w)
+            r.grad = w.grad.clone()
+        opt.step()
+        ref_opt.step()
+    assert triton_backend.table_builds == builds + 1
+    _assert_same_params(weights, references)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_steps_of_tensors_spread_over_many_tiles_and_sharing_tiles(device):
+    """The kernel counts each tensor's step once per launch however many tiles hold its rows
+    (1100 rows of 3: three tiles of 512) and however many tensors share a tile."""
+    shapes = [(1100, 3), (7, 3), (600, 5), (3, 5), (2, 9000), (1, 9000), (5, 1440)]
+    backend_cases.compare_with_reference("triton", shapes, torch.float64, steps=3, device=device)
+
+
+def test_host_only_benchmark_reports_triton_host_time_next_to_native(tmp_path, capsys):
+    """benchmarks/step.py --host-only: the Triton backend's host work per step (launch stubbed)
+    with gradients in place and fresh, next to the native backend's whole step."""
+    import csv
+
+    from benchmarks import step
+    from ndadam_fused import backends
+
+    assert step.main(["--host-only", "--sets", "many-small", "--repeats", "3", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "step_cpu_host.csv")))
+    candidates = {r["candidate"]: r for r in rows}
+    expected = {"ndadam-triton-host", "ndadam-triton-host-fresh-grads"}
+    if backends.unavailable_reason("native", "cpu") is None:
+        expected.add("ndadam-native")
+    assert set(candidates) == expected
+    assert candidates["ndadam-triton-host"]["tensors"] == "1500"
+    for row in rows:
+        assert float(row["median_ms"]) > 0 and row["machine"] and row["set"] == "many-small"
+    assert "x native" in capsys.readouterr().out

@@ -669,11 +669,9 @@ def _write_grad_offsets(part: _Part, grads: list[Tensor], capturing: bool) -> tu
         host = torch.from_numpy(offsets)
         if part.device.type == "cuda":
             host = host.pin_memory()
-            part.grad_offsets.copy_(host, non_blocking=True)
             if capturing:
                 part.keep.append(host)
-        else:
-            part.grad_offsets.copy_(host)
+        part.grad_offsets.copy_(host, non_blocking=True)
         part.last_grad_offsets = None if (part.captured or capturing) else offsets
     return grads, grads_aligned
 
@@ -690,7 +688,7 @@ def _write_hyper(part: _Part, lr: float | Tensor, beta1: float, beta2: float, ep
             host = host.pin_memory()
             if capturing:
                 part.keep.append(host)
-        part.hyper.copy_(host, non_blocking=part.device.type == "cuda")
+        part.hyper.copy_(host, non_blocking=True)
         part.hyper_values = None if (part.captured or capturing) else values
     if isinstance(lr, Tensor):
         part.hyper[0].copy_(lr.reshape(()))
