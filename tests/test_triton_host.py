@@ -300,3 +300,109 @@ def test_host_only_benchmark_reports_triton_host_time_next_to_native(tmp_path, c
     for row in rows:
         assert float(row["median_ms"]) > 0 and row["machine"] and row["set"] == "many-small"
     assert "x native" in capsys.readouterr().out
+
+
+# ---- issue 10 item 4: CUDA graphs ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_table_used_in_a_capture_outlives_the_cache(monkeypatch, device):
+    """A table that a CUDA graph captured is read at every replay: more distinct tables than
+    the LRU holds must not evict it, and eager steps after the capture must rewrite what a
+    replay overwrites (gradient offsets, hyperparameters) even when their own values did not
+    change. The capture and the replay's copies are simulated here (CPU); the GPU test below
+    captures and replays for real."""
+    generator = torch.Generator().manual_seed(19)
+    weights = [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=torch.float64).to(device)) for s in [(6, 5), (3, 40)]]
+    references = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    opt = NDAdam(weights, lr=0.1, backend="triton")
+    ref_opt = NDAdam(references, lr=0.1, backend="reference")
+    kept = []
+
+    def step(capture=False, in_place=False):
+        for w, r in zip(weights, references):
+            grad = torch.randn(w.shape, generator=generator, dtype=torch.float64)
+            if in_place:
+                w.grad.copy_(grad)
+                r.grad.copy_(grad)
+            else:
+                kept.append(w.grad)
+                w.grad, r.grad = grad.to(device), grad.to(device)
+        with monkeypatch.context() as patch:
+            if capture:
+                patch.setattr(triton_backend, "_is_capturing", lambda tensor: True)
+            opt.step()
+        ref_opt.step()
+
+    def table():
+        return triton_backend.group_table(weights, *[[opt.state[w][k] for w in weights] for k in ("exp_avg", "exp_avg_sq", "step")])
+
+    step()
+    opt.param_groups[0]["lr"] = ref_opt.param_groups[0]["lr"] = 0.3
+    step(capture=True)
+    captured = table()
+    replay_writes = [(part.grad_offsets.clone(), part.hyper.clone()) for part in captured.parts]
+    buffers = [part.tile_table.data_ptr() for part in captured.parts]
+    for i in range(triton_backend._TABLE_CACHE_SIZE + 4):
+        other = torch.nn.Parameter(torch.randn(2, 3 + i, dtype=torch.float64, device=device))
+        other.grad = torch.randn_like(other)
+        NDAdam([other], lr=0.1, backend="triton").step()
+    assert len(triton_backend._TABLE_CACHE) <= triton_backend._TABLE_CACHE_SIZE
+    assert table() is captured and [part.tile_table.data_ptr() for part in captured.parts] == buffers
+    opt.param_groups[0]["lr"] = ref_opt.param_groups[0]["lr"] = 0.1
+    step()  # eager: new gradients, another lr
+    for part, (grad_offsets, hyper) in zip(captured.parts, replay_writes):  # what a replay copies
+        part.grad_offsets.copy_(grad_offsets)
+        part.hyper.copy_(hyper)
+    step(in_place=True)  # the same gradients and lr as the last eager step
+    _assert_same_params(weights, references)
+
+
+@pytest.mark.skipif(INTERPRETER or not torch.cuda.is_available(), reason="CUDA graphs need a GPU: benchmarks/gpu_check.sh runs this")
+def test_cuda_graph_replays_after_table_churn_and_memory_reuse():
+    """Issue 10 item 4, on a GPU: warm up on a side stream, give the step new gradient tensors
+    (as zero_grad(set_to_none=True) and a backward would), capture opt.step(), run more eager
+    steps with distinct tables than the cache holds, allocate and fill memory, then replay:
+    the replays must equal eager steps from the same state."""
+    import copy
+
+    torch.manual_seed(0)
+    shapes = [(64, 27), (32, 1440), (16, 8192), (4, 9000), (300, 5)]
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+    opt = NDAdam(params, lr=0.05, betas=(0.9, 0.99), backend="triton")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    static_grads = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, static_grads):
+        p.grad = g
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    torch.cuda.synchronize()
+    twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = NDAdam(twin_params, lr=0.05, betas=(0.9, 0.99), backend="triton")
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for i in range(triton_backend._TABLE_CACHE_SIZE + 8):
+        other = torch.nn.Parameter(torch.randn(3, 4 + i, device="cuda"))
+        other.grad = torch.randn_like(other)
+        NDAdam([other], lr=0.1, backend="triton").step()
+    del other
+    filler = [torch.full((1 << 20,), float("nan"), device="cuda") for _ in range(64)]
+    for _ in range(2):
+        graph.replay()
+        for p, g in zip(twin_params, static_grads):
+            p.grad = g.clone()
+        twin.step()
+    torch.cuda.synchronize()
+    del filler
+    for p, q in zip(params, twin_params):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
+        assert opt.state[p]["step"].item() == twin.state[q]["step"].item() == 6
+        torch.testing.assert_close(opt.state[p]["exp_avg"], twin.state[q]["exp_avg"], rtol=0, atol=1e-6)

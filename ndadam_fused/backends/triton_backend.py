@@ -585,6 +585,11 @@ def group_table(params, exp_avgs, exp_avg_sqs, state_steps, single_pass_max: int
     return table
 
 
+def _is_capturing(tensor: Tensor) -> bool:
+    """Whether this step is being captured into a CUDA graph (never for CPU tensors)."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _keep_for_capture(key_params, exp_avgs, exp_avg_sqs, state_steps, single_pass_max, table: GroupTable) -> None:
     key = _table_key(key_params, exp_avgs, exp_avg_sqs, state_steps, single_pass_max)
     _TABLE_CACHE.pop(key, None)
@@ -757,7 +762,7 @@ def vector_step(
     if not params:
         return
     table = group_table(params, exp_avgs, exp_avg_sqs, state_steps, limit)
-    capturing = params[0].is_cuda and torch.cuda.is_current_stream_capturing()
+    capturing = _is_capturing(params[0])
     if capturing and not all(part.captured for part in table.parts):
         _keep_for_capture(params, exp_avgs, exp_avg_sqs, state_steps, limit, table)
     for part in table.parts:
