@@ -7,18 +7,23 @@ second moment ``v`` (one scalar), step ``t`` and lr ``α`` (DESIGN.md section 4)
     s  = α / (1-β1^t) / (sqrt(v' / (1-β2^t)) + ε)
     w' = (w - s m') / ||w - s m'||
 
-Rows of up to :data:`SINGLE_PASS_MAX` (8192) elements take the exact single-pass path: the
-row is loaded once into registers, ``g`` and ``||w - s m'||`` are computed explicitly, and it
-is stored once (20 bytes per fp32 element). Longer rows take the statistics path: pass 1
+Rows of up to :data:`SINGLE_PASS_MAX` (8192) elements (at most the :data:`TILE_LANES` of
+their state dtype and alignment: 8192 for 16-byte aligned float32 rows, 4096 for float64 or
+unaligned float32, 2048 for unaligned float64) take the exact single-pass path: the row is
+loaded once into registers, ``g`` and ``||w - s m'||`` are computed explicitly, and it is
+stored once (20 bytes per fp32 element). Longer rows take the statistics path: pass 1
 accumulates ``a = ḡ·w, b = ḡ·ḡ, c = w·w, d = m·w, e = m·m, f = m·ḡ`` over chunks, the closed
 forms give ``||g||², ||m'||², w·m'`` and ``||w̄||²``, and pass 2 writes ``m'`` and ``w'``
 (32 bytes per element).
 
 Tiles. A program updates one tile: ``ROWS`` row slots of one width class (see
-:data:`WIDTH_CLASSES`), each slot any row of any tensor of the group whose length fits the
-class. A class's width is the sum of two powers of two, ``WIDE + NARROW`` (2^k, 1.25·2^k,
-1.5·2^k), so that no row leaves more than a quarter of its lanes idle, and ``ROWS * width``
-is at most :data:`TILE_LANES`, so that every tile holds as many elements per thread.
+:data:`WIDTH_CLASSES`) and alignment, each slot any row of any tensor of the group whose
+length fits the class. A class's width is the sum of two powers of two, ``WIDE + NARROW``
+(2^k, 1.25·2^k, 1.5·2^k), so that a row of more than one element fills more than three
+quarters of its lanes, and ``ROWS * width`` is at most :data:`TILE_LANES`, so that tiles hold
+about as many elements per thread whatever their rows. The kernel is compiled for the tile
+shapes a group's plan uses (:func:`plan_tiles`), each a function of its own (``noinline``:
+compile time grows with the number of shapes, not with its square).
 
 Tables (:class:`GroupTable`), built once per set of tensors and cached on what stays put
 (params, state, shapes; never gradients):
@@ -28,7 +33,7 @@ Tables (:class:`GroupTable`), built once per set of tensors and cached on what s
   exp_avg_sq and step, the row length, and how many tiles hold rows of the tensor;
 - ``slot_table`` int32 ``[n_slots, 2]``: (tensor, row) of each row slot, class by class, each
   class padded to whole tiles with tensor -1;
-- ``tile_table`` int32 ``[n_tiles, 3]``: (width class, 16-byte aligned, first slot);
+- ``tile_table`` int32 ``[n_tiles, 2]``: (tile shape, first slot);
 - ``arrivals`` int32 ``[n_tensors]``: the step counter's arrival count (below).
 
 The gradients' offsets (int64 ``[n_tensors]``) are copied at every step from pinned memory,
@@ -244,6 +249,8 @@ def _tile_rows(tensor_table, slot_table, grad_offsets, arrivals, first_slot,
     return valid, row_len, param_start, grad_start, exp_avg_start, exp_avg_sq, step
 
 
+# noinline: each tile shape is a function of its own. Inlined, the dispatch compiled in time
+# quadratic in the number of shapes (24 shapes: 219 s against 13 s as functions, Triton 3.8).
 @triton.jit(noinline=True)
 def _exact_tile(
     param_base, state_base, tensor_table, slot_table, grad_offsets, hyper, arrivals, first_slot,
