@@ -9,6 +9,12 @@
 // __threadfence a sequentially consistent fence. Blocks run one after another, in an order the
 // caller picks.
 //
+// Within a block, warps take turns, as one warp scheduler might run them: the 32 lanes of the
+// warp whose turn it is run (concurrently), and the turn passes to the next warp, in an order
+// the caller picks, when all its lanes wait at __syncthreads or have returned. So a warp that
+// has no barrier before a global write runs that write before the next warp has started: a
+// missing barrier between one warp's reads and another's writes shows deterministically.
+//
 // Shared memory (BlockShared) is checked as the kernel uses it: every element remembers which
 // thread wrote it and read it last, and in which "epoch" (barriers passed). Two threads touching
 // the same element between the same two barriers, one of them writing, is a race; reading an
@@ -25,6 +31,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -110,9 +117,11 @@ struct Warp {
 };
 
 // One emulated thread: where it is and how many barriers it has passed.
+class WarpScheduler;
+
 struct ThreadState {
   Warp* warps = nullptr;
-  Barrier* block_barrier = nullptr;
+  WarpScheduler* scheduler = nullptr;
   int thread = 0;
   int64_t block_epoch = 0;  // __syncthreads passed in this block
   int64_t warp_epoch = 0;   // __syncwarp passed in this block
@@ -122,6 +131,99 @@ struct ThreadState {
 };
 
 inline thread_local ThreadState this_thread;
+
+// The turns of a block's warps (see the top of this file).
+class WarpScheduler {
+ public:
+  explicit WarpScheduler(std::vector<int> order)
+      : order_(std::move(order)), at_barrier_(order_.size(), 0), returned_(order_.size(), 0),
+        turn_(order_.size()) {
+    running_ = order_.front();
+  }
+
+  // A lane starts: it waits for its warp's turn.
+  void enter(int warp) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    turn_[warp].wait(lock, [&] { return running_ == warp; });
+  }
+
+  // __syncthreads by a lane: when every lane of every warp still running waits here, all go on
+  // (the first warp in order first).
+  void barrier(int warp) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const int64_t generation = generation_;
+    ++at_barrier_[warp];
+    if (blocked(warp)) {
+      pass_turn();
+    }
+    turn_[warp].wait(lock, [&] { return generation_ != generation && running_ == warp; });
+  }
+
+  // A lane returns from the kernel.
+  void leave(int warp) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++returned_[warp];
+    if (blocked(warp)) {
+      pass_turn();
+    }
+  }
+
+ private:
+  bool blocked(int warp) const { return at_barrier_[warp] + returned_[warp] == kWarpSize; }
+
+  void pass_turn() {
+    for (const int w : order_) {
+      if (!blocked(w)) {
+        give_turn(w);
+        return;
+      }
+    }
+    // Every warp waits at the barrier or has returned: release the barrier.
+    bool any_waiting = false;
+    for (const int w : order_) {
+      if (at_barrier_[w] > 0 && (returned_[w] > 0 || any_returned())) {
+        problems().add("__syncthreads not reached by every thread of the block (warp " + std::to_string(w) +
+                       " waits while other threads have returned)");
+      }
+      any_waiting = any_waiting || at_barrier_[w] > 0;
+    }
+    if (!any_waiting) {
+      return;  // the block is done
+    }
+    ++generation_;
+    for (const int w : order_) {
+      at_barrier_[w] = 0;
+    }
+    for (const int w : order_) {
+      if (returned_[w] < kWarpSize) {
+        give_turn(w);
+        break;
+      }
+    }
+  }
+
+  // Only the lanes of the warp whose turn it is are woken.
+  void give_turn(int warp) {
+    running_ = warp;
+    turn_[warp].notify_all();
+  }
+
+  bool any_returned() const {
+    for (const int r : returned_) {
+      if (r > 0) return true;
+    }
+    return false;
+  }
+
+  std::vector<int> order_;
+  std::vector<int> at_barrier_;
+  std::vector<int> returned_;
+  int running_;
+  int64_t generation_ = 0;
+  std::mutex mutex_;
+  std::vector<std::condition_variable> turn_;
+};
+
 
 inline std::string where() {
   return "thread " + std::to_string(this_thread.thread) + " after " + std::to_string(this_thread.block_epoch) +
@@ -311,7 +413,7 @@ inline thread_local simt::Index3 threadIdx;
 inline thread_local simt::Index3 blockIdx;
 
 inline void __syncthreads() {
-  simt::this_thread.block_barrier->arrive_and_wait();
+  simt::this_thread.scheduler->barrier(simt::this_thread.warp());
   ++simt::this_thread.block_epoch;
 }
 
@@ -346,8 +448,7 @@ class Device {
  public:
   explicit Device(int threads_per_block)
       : threads_(threads_per_block), start_(threads_per_block + 1), end_(threads_per_block + 1),
-        warps_(std::make_unique<Warp[]>(threads_per_block / kWarpSize)),
-        block_barrier_(std::make_unique<Barrier>(threads_per_block)) {
+        warps_(std::make_unique<Warp[]>(threads_per_block / kWarpSize)) {
     pool_.reserve(threads_);
     for (int t = 0; t < threads_; ++t) {
       pool_.emplace_back([this, t] { thread_main(t); });
@@ -363,17 +464,22 @@ class Device {
   }
 
   // For each block index in `order`: prepare(block) on this thread, then body(block) by every
-  // thread of the block.
+  // thread of the block, its warps taking turns in ascending order (descending with
+  // `warps_in_reverse`).
   void run(const std::vector<int64_t>& order, const std::function<void(int64_t)>& prepare,
-           const std::function<void(int64_t)>& body) {
+           const std::function<void(int64_t)>& body, bool warps_in_reverse = false) {
+    std::vector<int> warp_order(threads_ / kWarpSize);
+    for (size_t w = 0; w < warp_order.size(); ++w) {
+      warp_order[w] = warps_in_reverse ? static_cast<int>(warp_order.size() - 1 - w) : static_cast<int>(w);
+    }
     for (const int64_t block : order) {
       prepare(block);
       block_ = block;
       body_ = &body;
       finished_.store(0);
-      // Fresh warp exchanges and block barrier: a block that broke them must not break the next.
+      // Fresh warp exchanges and turns: a block that broke them must not break the next.
       warps_ = std::make_unique<Warp[]>(threads_ / kWarpSize);
-      block_barrier_ = std::make_unique<Barrier>(threads_);
+      scheduler_ = std::make_unique<WarpScheduler>(warp_order);
       start_.arrive_and_wait();
       wait_until_finished(block);
       end_.arrive_and_wait();
@@ -393,13 +499,15 @@ class Device {
       blockIdx = Index3{static_cast<unsigned>(block_), 0, 0};
       this_thread = ThreadState{};
       this_thread.warps = warps_.get();
-      this_thread.block_barrier = block_barrier_.get();
+      this_thread.scheduler = scheduler_.get();
       this_thread.thread = t;
+      scheduler_->enter(this_thread.warp());
       try {
         (*body_)(block_);
       } catch (const std::exception& error) {
         problems().add(std::string("exception in the kernel: ") + error.what());
       }
+      scheduler_->leave(this_thread.warp());
       finished_.fetch_add(1);
       end_.arrive_and_wait();
     }
@@ -423,7 +531,7 @@ class Device {
   Barrier start_;
   Barrier end_;
   std::unique_ptr<Warp[]> warps_;
-  std::unique_ptr<Barrier> block_barrier_;
+  std::unique_ptr<WarpScheduler> scheduler_;
   std::vector<std::thread> pool_;
   std::atomic<int> finished_{0};
   int64_t block_ = 0;
