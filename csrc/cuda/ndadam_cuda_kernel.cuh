@@ -153,12 +153,18 @@ constexpr int kSumSlots = 6;
 // Elements a block stages per array on the exact path.
 constexpr int kStagedElements = kMaxElementsPerThread * kThreadsPerBlock;
 
-// The block's shared memory (dynamic): 98 KiB in fp32, 66 KiB in bf16 and fp16, 195 KiB in fp64.
+// Whether the exact path keeps ḡ in registers rather than in shared memory: in fp64, where three
+// staged arrays (192 KiB) would not fit an A100's 163 KiB per block; its 8 elements take the
+// 16 registers m' takes after them.
+template <typename acc_t>
+constexpr bool kGradInRegisters = sizeof(acc_t) == 8;
+
+// The block's shared memory (dynamic): 98 KiB in fp32, 66 KiB in bf16 and fp16, 131 KiB in fp64.
 template <typename param_t, typename acc_t>
 struct SharedStorage {
-  // Exact path: w, ḡ and m, each thread's chunk c at staged_index(c).
+  // Exact path: w, ḡ (not in fp64) and m, each thread's chunk c at staged_index(c).
   alignas(16) BlockShared<param_t, kStagedElements> staged_w;
-  alignas(16) BlockShared<param_t, kStagedElements> staged_grad;
+  alignas(16) BlockShared<param_t, kGradInRegisters<acc_t> ? 1 : kStagedElements> staged_grad;
   alignas(16) BlockShared<acc_t, kStagedElements> staged_m;
   BlockShared<acc_t, kSumSlots * kWarpsPerBlock> warp_partials;
   BlockShared<StepScalars<acc_t>, kWarpsPerBlock> warp_scalars;
@@ -289,13 +295,15 @@ struct TeamSum {
 // The exact path: the team's row on chip, kMaxElementsPerThread / VEC chunks of VEC elements
 // per thread; element (c * team + lane_in_team) * VEC + j of the row is chunk c, element j of
 // that lane (consecutive lanes read consecutive addresses). Each thread copies its chunks of w,
-// ḡ and m into its own slots of shared memory, all copies in flight at once, and reads them
-// back as the math needs them; registers hold m' (then w̄) only. An inactive team (past the
-// tensor's last row) sees a row of length 0: it loads and stores nothing but joins the sums.
+// ḡ and m into its own slots of shared memory (ḡ into registers in fp64), all copies in flight
+// at once, and reads them back as the math needs them; registers hold m' (then w̄) only. An
+// inactive team (past the tensor's last row) sees a row of length 0: it loads and stores
+// nothing but joins the sums.
 template <int VEC, typename param_t, typename acc_t>
 NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, int64_t row, bool active,
                                     int32_t lane_in_team, int32_t first_warp, SharedStorage<param_t, acc_t>& shared) {
   constexpr int kChunks = kMaxElementsPerThread / VEC;
+  constexpr bool kGradHeld = kGradInRegisters<acc_t>;
   const int32_t team = e.team_size;
   // 32-bit offsets within the row: exact-path rows are at most kOnChipRowCapacity long.
   const int32_t length = active ? static_cast<int32_t>(e.row_length) : 0;
@@ -305,20 +313,40 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
   acc_t* __restrict__ m_row = static_cast<acc_t*>(e.exp_avg) + offset;
   acc_t* v_row = static_cast<acc_t*>(e.exp_avg_sq) + (active ? row : 0);
 
+  acc_t values[kMaxElementsPerThread];  // ḡ (fp64 only), then m', then w̄, then w'
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
     const int32_t start = (c * team + lane_in_team) * VEC;
     if (start < length) {
       NDADAM_CHECK_ALIGNED(w_row + start, (kPieceBytes<VEC, param_t>));
-      NDADAM_CHECK_ALIGNED(grad_row + start, (kPieceBytes<VEC, param_t>));
       NDADAM_CHECK_ALIGNED(m_row + start, (kPieceBytes<VEC, acc_t>));
       stage_async<VEC>(shared.staged_w, staged_index<VEC>(c), w_row + start);
-      stage_async<VEC>(shared.staged_grad, staged_index<VEC>(c), grad_row + start);
+      if constexpr (kGradHeld) {
+        load_elements<VEC>(grad_row, start, &values[c * VEC]);
+      } else {
+        NDADAM_CHECK_ALIGNED(grad_row + start, (kPieceBytes<VEC, param_t>));
+        stage_async<VEC>(shared.staged_grad, staged_index<VEC>(c), grad_row + start);
+      }
       stage_async<VEC>(shared.staged_m, staged_index<VEC>(c), m_row + start);
+    } else if constexpr (kGradHeld) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        values[c * VEC + j] = acc_t(0);
+      }
     }
   }
-  const acc_t v = active ? *v_row : acc_t(0);
   wait_staged();
+  // Chunk c of ḡ, from registers or shared memory.
+  auto read_grad = [&](int c, acc_t* g) {
+    if constexpr (kGradHeld) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        g[j] = values[c * VEC + j];
+      }
+    } else {
+      read_staged<VEC>(shared.staged_grad, staged_index<VEC>(c), g);
+    }
+  };
 
   // Chunks past the row's end are absent: they were not staged and count as zeros.
   auto present = [&](int c) { return (c * team + lane_in_team) * VEC < length; };
@@ -329,7 +357,7 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
     if (present(c)) {
       acc_t w[VEC], g[VEC];
       read_staged<VEC>(shared.staged_w, staged_index<VEC>(c), w);
-      read_staged<VEC>(shared.staged_grad, staged_index<VEC>(c), g);
+      read_grad(c, g);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         partial += g[j] * w[j];
@@ -339,14 +367,13 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
   const acc_t grad_dot_w = team_sum(partial);
   const StepScalars<acc_t>& k = shared_element(shared.warp_scalars, threadIdx.x / kWarpSize);
 
-  acc_t values[kMaxElementsPerThread];  // m', then w̄, then w'
   partial = 0;
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
     acc_t w[VEC], g[VEC], m[VEC];
     if (present(c)) {
       read_staged<VEC>(shared.staged_w, staged_index<VEC>(c), w);
-      read_staged<VEC>(shared.staged_grad, staged_index<VEC>(c), g);
+      read_grad(c, g);
       read_staged<VEC>(shared.staged_m, staged_index<VEC>(c), m);
     } else {
 #pragma unroll
@@ -368,7 +395,11 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
       store_elements<VEC>(m_store, (c * team + lane_in_team) * VEC, &values[c * VEC]);
     }
   }
-  const acc_t v_new = second_moment_update(v, team_sum(partial), k);
+  const acc_t grad_sq_norm = team_sum(partial);
+  // Read only now, to hold no register across the row; every lane of the team reads it before
+  // the last sum, and one lane writes it after that sum.
+  const acc_t v = active ? *v_row : acc_t(0);
+  const acc_t v_new = second_moment_update(v, grad_sq_norm, k);
   const acc_t s = step_size(v_new, k);
 
   partial = 0;
@@ -401,7 +432,7 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
       store_elements<VEC>(w_store, (c * team + lane_in_team) * VEC, &values[c * VEC]);
     }
   }
-  // Every lane of the team read v before the first sum, so one may overwrite it now.
+  // Every lane of the team read v before the last sum, so one may overwrite it now.
   if (active && lane_in_team == 0) {
     *v_row = v_new;
   }

@@ -106,9 +106,15 @@ DeviceTable upload_captured(const std::vector<uint8_t>& bytes, const at::Device&
   return table;
 }
 
+// Shared memory per block: every GPU of compute capability 8.x and 9.0 allows 99 KiB (sm_86,
+// sm_89) or more (A100 163 KiB, H100 227 KiB) with the kernel's consent.
+static_assert(sizeof(SharedStorage<float, float>) <= 99 * 1024, "fp32 blocks must fit sm_86/sm_89");
+static_assert(sizeof(SharedStorage<c10::BFloat16, float>) <= 99 * 1024, "bf16 blocks must fit sm_86/sm_89");
+static_assert(sizeof(SharedStorage<double, double>) <= 163 * 1024, "fp64 blocks must fit an A100");
+
 // More than 48 KiB of dynamic shared memory per block needs the kernel's consent, once per
-// device. The first launch may come during stream capture: the attribute is not a stream
-// operation, and relaxed mode lets it through.
+// device; a GPU with less than the kernel needs gets a clear error. The first launch may come
+// during stream capture: neither call is a stream operation, and relaxed mode lets them through.
 template <typename param_t, typename acc_t>
 void allow_shared_memory(int device) {
   static std::mutex mutex;
@@ -120,8 +126,14 @@ void allow_shared_memory(int device) {
   }
   if (!done[device]) {
     const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+    constexpr size_t kBytes = sizeof(SharedStorage<param_t, acc_t>);
+    int allowed = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&allowed, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    TORCH_CHECK(kBytes <= static_cast<size_t>(allowed), "ndadam_fused::vector_step_: the CUDA kernel needs ", kBytes,
+                " bytes of shared memory per block for ", c10::CppTypeToScalarType<param_t>::value, " params, but GPU ",
+                device, " allows ", allowed, "; it runs on GPUs of compute capability 8.0 or newer");
     C10_CUDA_CHECK(cudaFuncSetAttribute(vector_step_kernel<param_t, acc_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(sizeof(SharedStorage<param_t, acc_t>))));
+                                        static_cast<int>(kBytes)));
     done[device] = true;
   }
 }
