@@ -78,8 +78,16 @@ def _lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
     if isinstance(lr, Tensor):
         if lr.device == device and lr.dtype in (torch.float32, torch.float64):
             return lr.reshape(())
-        return lr.to(device=device, dtype=torch.float64).reshape(())
+        if lr.device.type == "cpu":
+            # A CPU tensor's value is known on the host: no copy that waits for the device.
+            lr = float(lr)
+        else:
+            return lr.to(device=device, dtype=torch.float64).reshape(())
     lr = float(lr)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # A CUDA graph replays the fill with this lr before its own launches: the shared tensor
+        # below would hold whatever another group or an eager step last wrote into it.
+        return torch.full((), lr, dtype=torch.float64, device=device)
     cached = _lr_tensors.get(device)
     if cached is None:
         cached = (lr, torch.full((), lr, dtype=torch.float64, device=device))
