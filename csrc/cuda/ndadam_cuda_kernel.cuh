@@ -301,7 +301,8 @@ struct TeamSum {
 // nothing but joins the sums.
 template <int VEC, typename param_t, typename acc_t>
 NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, int64_t row, bool active,
-                                    int32_t lane_in_team, int32_t first_warp, SharedStorage<param_t, acc_t>& shared) {
+                                    int32_t lane_in_team, int32_t first_warp, const LaunchArguments& args, float step,
+                                    SharedStorage<param_t, acc_t>& shared) {
   constexpr int kChunks = kMaxElementsPerThread / VEC;
   constexpr bool kGradHeld = kGradInRegisters<acc_t>;
   const int32_t team = e.team_size;
@@ -321,17 +322,27 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
       NDADAM_CHECK_ALIGNED(w_row + start, (kPieceBytes<VEC, param_t>));
       NDADAM_CHECK_ALIGNED(m_row + start, (kPieceBytes<VEC, acc_t>));
       stage_async<VEC>(shared.staged_w, staged_index<VEC>(c), w_row + start);
-      if constexpr (kGradHeld) {
-        load_elements<VEC>(grad_row, start, &values[c * VEC]);
-      } else {
+      stage_async<VEC>(shared.staged_m, staged_index<VEC>(c), m_row + start);
+      if constexpr (!kGradHeld) {
         NDADAM_CHECK_ALIGNED(grad_row + start, (kPieceBytes<VEC, param_t>));
         stage_async<VEC>(shared.staged_grad, staged_index<VEC>(c), grad_row + start);
       }
-      stage_async<VEC>(shared.staged_m, staged_index<VEC>(c), m_row + start);
-    } else if constexpr (kGradHeld) {
+    }
+  }
+  // The step's scalars while the row is on its way (the copies hold no registers; in fp64, ḡ is
+  // loaded into registers after the pow, which would otherwise have to keep them).
+  publish_step_scalars<param_t, acc_t>(args, step, shared);
+  if constexpr (kGradHeld) {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        values[c * VEC + j] = acc_t(0);
+    for (int c = 0; c < kChunks; ++c) {
+      const int32_t start = (c * team + lane_in_team) * VEC;
+      if (start < length) {
+        load_elements<VEC>(grad_row, start, &values[c * VEC]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          values[c * VEC + j] = acc_t(0);
+        }
       }
     }
   }
@@ -441,7 +452,9 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
 // The statistics path: the block's one row, in two sweeps, the six sums reduced together.
 template <int VEC, typename param_t, typename acc_t>
 NDADAM_DEVICE_INLINE void statistics_row(const TensorEntry& e, const param_t* grad, int64_t row,
+                                         const LaunchArguments& args, float step,
                                          SharedStorage<param_t, acc_t>& shared) {
+  publish_step_scalars<param_t, acc_t>(args, step, shared);
   const int64_t length = e.row_length;
   param_t* __restrict__ w_row = static_cast<param_t*>(e.param) + row * length;
   const param_t* __restrict__ grad_row = grad + row * length;
@@ -576,7 +589,6 @@ NDADAM_DEVICE_INLINE void vector_step_block(const LaunchArguments& args, SharedS
     shared.warp_entry[warp] = tensor;
     shared.warp_step[warp] = step;
   }
-  publish_step_scalars<param_t, acc_t>(args, step, shared);
 
   if (e.path != cuda_plan::kStatisticsRows) {
     const int32_t team = e.team_size;
@@ -598,12 +610,13 @@ NDADAM_DEVICE_INLINE void vector_step_block(const LaunchArguments& args, SharedS
       first_warp = team_in_block * warps_per_team;
     }
     with_vector_width<param_t>(e.vector_width, [&](auto vec) {
-      exact_row<decltype(vec)::value, param_t, acc_t>(e, grad, row, active, lane_in_team, first_warp, shared);
+      exact_row<decltype(vec)::value, param_t, acc_t>(e, grad, row, active, lane_in_team, first_warp, args, step,
+                                                      shared);
     });
   } else {
     const int64_t row = warp_in_entry / kWarpsPerBlock;
     with_vector_width<param_t>(e.vector_width, [&](auto vec) {
-      statistics_row<decltype(vec)::value, param_t, acc_t>(e, grad, row, shared);
+      statistics_row<decltype(vec)::value, param_t, acc_t>(e, grad, row, args, step, shared);
     });
   }
 
