@@ -142,54 +142,62 @@ inline Layout choose_layout(int64_t rows, int64_t length, int32_t max_width, int
                   static_cast<int32_t>(std::min<int64_t>(elements_per_thread, std::numeric_limits<int32_t>::max())),
                   rows * kWarpsPerBlock, rows * kThreadsPerBlock * elements_per_thread};
   }
-  std::vector<Layout> candidates;
-  for (int32_t width = 1; width <= max_width; width *= 2) {
-    std::vector<int32_t> teams = {1, 2, 4, 8, 16, 32};
-    for (int32_t team = 2 * kWarpSize; team <= kThreadsPerBlock; team += kWarpSize) {
-      teams.push_back(team);
-    }
-    for (const int32_t team : teams) {
-      const int64_t elements_per_thread = ceil_div(length, int64_t(team) * width) * width;
-      if (elements_per_thread > kMaxElementsPerThread) {
-        continue;
+  // Every candidate, in two passes (no allocation: this runs for every tensor of every step).
+  auto for_each_candidate = [&](auto&& visit) {
+    for (int32_t width = 1; width <= max_width; width *= 2) {
+      // 1, 2, 4, ..., 32 lanes; then 2, 3, ..., 32 whole warps. Teams too small to hold the row
+      // are skipped; past the first team whose threads hold one access each, a larger team only
+      // adds threads (the same elements per thread, more warps per row), so the search stops there.
+      for (int32_t team = 1; team <= kThreadsPerBlock; team = team < kWarpSize ? team * 2 : team + kWarpSize) {
+        if (int64_t(team) * kMaxElementsPerThread < length) {
+          continue;
+        }
+        const int64_t elements_per_thread = ceil_div(length, int64_t(team) * width) * width;
+        if (elements_per_thread > kMaxElementsPerThread) {
+          continue;
+        }
+        const bool last = elements_per_thread == width;
+        Layout layout{};
+        layout.team_size = team;
+        layout.vector_width = width;
+        layout.elements_per_thread = static_cast<int32_t>(elements_per_thread);
+        if (team <= kWarpSize) {
+          layout.path = kWarpRows;
+          layout.warps = ceil_div(rows, kWarpSize / team);
+        } else {
+          const int64_t rows_per_block = kWarpsPerBlock / (team / kWarpSize);
+          layout.path = kBlockRows;
+          layout.warps = ceil_div(rows, rows_per_block) * kWarpsPerBlock;
+        }
+        layout.slots = layout.warps * kWarpSize * elements_per_thread;
+        visit(layout);
+        if (last) {
+          break;
+        }
       }
-      Layout layout{};
-      layout.team_size = team;
-      layout.vector_width = width;
-      layout.elements_per_thread = static_cast<int32_t>(elements_per_thread);
-      if (team <= kWarpSize) {
-        layout.path = kWarpRows;
-        layout.warps = ceil_div(rows, kWarpSize / team);
-      } else {
-        const int64_t rows_per_block = kWarpsPerBlock / (team / kWarpSize);
-        layout.path = kBlockRows;
-        layout.warps = ceil_div(rows, rows_per_block) * kWarpsPerBlock;
-      }
-      layout.slots = layout.warps * kWarpSize * elements_per_thread;
-      candidates.push_back(layout);
     }
-  }
-  if (candidates.empty()) {
+  };
+  int64_t fewest = std::numeric_limits<int64_t>::max();
+  for_each_candidate([&](const Layout& c) { fewest = std::min(fewest, c.slots); });
+  if (fewest == std::numeric_limits<int64_t>::max()) {
     throw std::invalid_argument("ndadam_fused CUDA plan: a row of " + std::to_string(length) +
                                 " elements does not fit on chip; the cut-over must be at most " +
                                 std::to_string(kOnChipRowCapacity));
   }
-  int64_t fewest = std::numeric_limits<int64_t>::max();
-  for (const Layout& c : candidates) {
-    fewest = std::min(fewest, c.slots);
-  }
-  const Layout* best = nullptr;
-  for (const Layout& c : candidates) {
+  Layout best{};
+  bool found = false;
+  for_each_candidate([&](const Layout& c) {
     if (c.slots * kWiderAccessSlackDenominator > fewest * kWiderAccessSlackNumerator) {
-      continue;
+      return;
     }
-    if (best == nullptr || c.vector_width > best->vector_width ||
-        (c.vector_width == best->vector_width &&
-         (c.slots < best->slots || (c.slots == best->slots && c.team_size < best->team_size)))) {
-      best = &c;
+    if (!found || c.vector_width > best.vector_width ||
+        (c.vector_width == best.vector_width &&
+         (c.slots < best.slots || (c.slots == best.slots && c.team_size < best.team_size)))) {
+      best = c;
+      found = true;
     }
-  }
-  return *best;
+  });
+  return best;
 }
 
 // The bytes of a launch's device table and where its parts start. Layout: n TensorEntry, then
