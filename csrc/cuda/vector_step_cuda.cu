@@ -40,11 +40,15 @@ namespace cuda_kernel {
 
 static_assert(cuda_plan::kOnChipRowCapacity >= kSinglePassMaxRowLength, "the default cut-over must fit on chip");
 
-// 1024 threads of at most 64 registers each: one block per SM, 32 warps. ptxas (CUDA 13.0,
-// sm_90) fits every path of every dtype in 64 registers without a spill (tools/compile_cuda.py
-// fails CI on a spill). 512-thread blocks hold an 8192-long row only at 16 elements per thread:
-// at 64 registers (two blocks per SM, the same 32 warps) they spilled 96 B (fp32) to 304 B
-// (fp64); at 128 registers (one block, 16 warps) they did not.
+// 1024 threads of at most 64 registers each: one block of 32 warps per SM. ptxas (CUDA 13.0,
+// sm_90 and sm_80) fits every path of every dtype in 64 registers without a spill
+// (tools/compile_cuda.py fails CI on a spill). Weighed against 512-thread blocks, same kernel:
+// 512 x 16 elements (8192-long rows on the exact path) at 64 registers (two blocks, again 32
+// warps per SM) spill 88 B (fp32) to 228 B (fp64); at up to 128 registers they take 80 (fp32)
+// to 128 (bf16) registers, so one block of 16 warps per SM, and still spill 8 B in bf16/fp16;
+// 512 x 8 holds rows only up to 4096 and spills 4-116 B at 64 registers. A block's warps do not
+// wait for each other before their rows (no prologue barrier: each warp computes its own step
+// scalars while its row's copies are in flight), so one block per SM costs no idle prologue.
 template <typename param_t, typename acc_t>
 __global__ void __launch_bounds__(kThreadsPerBlock) vector_step_kernel(const LaunchArguments args) {
   extern __shared__ __align__(16) unsigned char dynamic_shared[];
