@@ -114,3 +114,30 @@ def test_row_math_lines_are_found():
     assert any("__fmul_rn" in source[n - 1] for n in lines.product_body)
     assert any("__dmul_rn" in source[n - 1] for n in lines.product_body)
     assert all(" / " in source[n - 1] for n in lines.step_size | lines.inverse_norm)
+
+
+def _kernel_ptx(name, lines):
+    return "\n".join([f".visible .entry {name}(", ")", "{", *[f"\t{line};" for line in lines], "\tret;", "}"])
+
+
+BF16_KERNEL = "_ZN6ndadam11cuda_kernel18vector_step_kernelIN3c108BFloat16EfEEvNS0_15LaunchArgumentsE"
+WIDE_BF16 = ["cp.async.cg.shared.global [%r1], [%rd1], 16", "ld.v4.u32 {%r2, %r3, %r4, %r5}, [%rd2]",
+             "st.v4.u32 [%rd3], {%r2, %r3, %r4, %r5}"]
+
+
+def test_16_byte_accesses_pass():
+    assert ptx_checks.access_width_problems(_kernel_ptx(BF16_KERNEL, WIDE_BF16)) == []
+    fp32 = ["cp.async.cg.shared.global [%r1], [%rd1], 16", "ld.global.v4.f32 {%f1, %f2, %f3, %f4}, [%rd2]",
+            "st.v4.f32 [%rd3], {%f1, %f2, %f3, %f4}"]
+    assert ptx_checks.access_width_problems(_kernel_ptx(KERNEL, fp32)) == []
+
+
+@pytest.mark.parametrize("narrower, message", [
+    (("cp.async.cg.shared.global [%r1], [%rd1], 16", "cp.async.ca.shared.global [%r1], [%rd1], 8"), "asynchronous copy"),
+    (("ld.v4.u32 {%r2, %r3, %r4, %r5}, [%rd2]", "ld.v2.u32 {%r2, %r3}, [%rd2]"), "16-byte load"),
+    (("st.v4.u32 [%rd3], {%r2, %r3, %r4, %r5}", "st.v2.u32 [%rd3], {%r2, %r3}"), "16-byte store"),
+])
+def test_narrower_bf16_accesses_fail(narrower, message):
+    lines = [narrower[1] if line == narrower[0] else line for line in WIDE_BF16]
+    problems = ptx_checks.access_width_problems(_kernel_ptx(BF16_KERNEL, lines))
+    assert len(problems) == 1 and message in problems[0], problems

@@ -8,7 +8,8 @@ uses, for one architecture (sm_90 by default), keeps the PTX, and fails when
   prints registers, spills and shared memory per kernel), or
 - the PTX breaks the numerics the kernel promises: flush to zero or an approximate instruction
   in a kernel, a square root or division of the per-row scalars that is not rounded to nearest,
-  a product_without_fma that is not a mul.rn of its own (tools/ptx_checks.py).
+  a product_without_fma that is not a mul.rn of its own (tools/ptx_checks.py), or
+- a kernel never moves its rows 16 bytes at a time (bf16/fp16: 8 elements per access).
 
     python tools/compile_cuda.py [--arch sm_90] [--out build/cuda-compile] [--nvcc-flag=-ftz=true ...]
 
@@ -98,15 +99,17 @@ def main() -> None:
         if not ptx_files:
             problems.append(f"{source.name}: nvcc kept no PTX in {keep_dir}")
         for ptx in ptx_files:
-            numerics = ptx_checks.numerics_problems(ptx.read_text())
-            print(f"  PTX checks of {ptx.name}: {len(numerics)} problem(s)")
-            problems += [f"{ptx.name}: {p}" for p in numerics]
+            text = ptx.read_text()
+            found = ptx_checks.numerics_problems(text) + ptx_checks.access_width_problems(text)
+            print(f"  PTX checks of {ptx.name}: {len(found)} problem(s)")
+            problems += [f"{ptx.name}: {p}" for p in found]
 
     if problems:
         for problem in problems[:40]:
             print(f"FAILED: {problem}", file=sys.stderr)
         sys.exit(f"compile_cuda.py: {len(problems)} problem(s) in the compiled CUDA kernel")
-    print("compile_cuda.py: no spill, no stack frame; IEEE round-to-nearest per-row scalars, no flush to zero")
+    print("compile_cuda.py: no spill, no stack frame; IEEE round-to-nearest per-row scalars, no flush to zero; "
+          "16-byte row accesses")
 
 
 if __name__ == "__main__":

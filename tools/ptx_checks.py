@@ -14,6 +14,9 @@ tests them on small samples. Both are plain text checks, no GPU needed:
   ``product_without_fma`` in ``update_from_statistics`` is a ``mul.rn`` of its own, never part of
   an ``fma``. Source lines come from ``-lineinfo`` (``.loc file line col, ..., inlined_at file
   line col``), matched against csrc/ndadam_row_math.h.
+- :func:`access_width_problems`: every kernel moves rows 16 bytes at a time where the plan allows
+  it: 16-byte asynchronous copies into shared memory (exact path) and 16-byte loads and stores
+  of its param type (statistics path): 8 elements of bf16/fp16, 4 of fp32, 2 of fp64.
 """
 
 from __future__ import annotations
@@ -225,4 +228,36 @@ def numerics_problems(ptx: str, row_math_source: str | None = None) -> list[str]
             for i in products:
                 if not re.match(r"mul\.rn\.f(32|64)\b", i.text):
                     problems.append(f"{name}: product_without_fma at {row_math}:{site} is not a mul.rn: {i.text}")
+    return problems
+
+
+# 16-byte global accesses of each kernel's param type (generic or .global addressing).
+_WIDE_PARAM_ACCESS = {
+    "float": r"v4\.f32",
+    "double": r"v2\.f64",
+    "c10::BFloat16": r"v4\.(?:u32|b32)",
+    "c10::Half": r"v4\.(?:u32|b32)",
+}
+
+
+def access_width_problems(ptx: str) -> list[str]:
+    """Kernels that never move their rows 16 bytes at a time."""
+    instructions = parse_ptx(ptx)
+    kernels = sorted({i.function for i in instructions if "vector_step_kernel" in i.function})
+    if not kernels:
+        return ["the PTX holds no vector_step_kernel"]
+    problems = []
+    for kernel in kernels:
+        name = readable_kernel_name(kernel)
+        param = re.search(r"<(.*),", name)
+        wide = _WIDE_PARAM_ACCESS.get(param.group(1) if param else "", None)
+        body = [i.text for i in instructions if i.function == kernel]
+        if not any(re.match(r"cp\.async\.cg\.shared\.global\s+\[[^]]+\],\s*\[[^]]+\],\s*16\b", t) for t in body):
+            problems.append(f"{name}: no 16-byte asynchronous copy into shared memory (the exact path's widest access)")
+        if wide is None:
+            problems.append(f"{name}: unknown param type")
+            continue
+        for op, what in (("ld", "load"), ("st", "store")):
+            if not any(re.match(rf"{op}(?:\.global)?(?:\.nc)?\.{wide}\b", t) for t in body):
+                problems.append(f"{name}: no 16-byte {what} of params (the statistics path's widest access)")
     return problems
