@@ -10,14 +10,14 @@
 //
 // The plan (ndadam_cuda_plan.h) says which warps step which rows. Per warp:
 //
-//   1. find its tensor (binary search over the warps' prefix sum) and its rows;
-//   2. read the step count and compute the step's scalars: β1^t and β2^t in two lanes at once
-//      (fp64 pow), lr / (1 - β1^t) and so on, into the warp's slot of shared memory. Every warp
-//      does this for itself: no thread waits at a barrier for another's pow;
-//   3. exact path: copy its elements of w, ḡ and m into shared memory (cp.async: all of them in
-//      flight at once, none held in registers), then the row math of ndadam_row_math.h with team
-//      sums (warp shuffles; shared memory for teams of several warps); m', v', w' stored once.
-//      Statistics path: two sweeps over the row.
+//   1. find its tensor (binary search over the warps' prefix sum) and its rows, read the step;
+//   2. exact path: start copying its elements of w, ḡ and m into shared memory (cp.async: all of
+//      them in flight at once, none held in registers; in fp64 ḡ goes to registers after 3.);
+//   3. meanwhile compute the step's scalars: β1^t and β2^t in two lanes at once (fp64 pow),
+//      lr / (1 - β1^t) and so on, into the warp's slot of shared memory. Every warp does this
+//      for itself: no thread waits at a barrier for another's pow;
+//   4. the row math of ndadam_row_math.h with team sums (warp shuffles; shared memory for teams
+//      of several warps); m', v', w' stored once. Statistics path: scalars, then two sweeps.
 //
 // Step counts: every warp reads its tensor's float32 step (t = step + 1 for the bias
 // corrections). At the end of the block, after a barrier (so that every warp of the block has
