@@ -21,7 +21,7 @@ import backend_cases
 from backend_cases import MANY_SMALL_SHAPES, SCALAR_SHAPES, SECTION_7_SHAPES
 from ndadam_fused import NDAdam, backends
 from ndadam_fused.backends import native
-from ndadam_fused.optimizer import _unit_tolerance
+from ndadam_fused.rows import unit_tolerance as _unit_tolerance
 
 if native._C is None:
     if os.environ.get("NDADAM_NO_EXTENSION") == "1":

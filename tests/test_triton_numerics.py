@@ -23,7 +23,7 @@ import torch
 import backend_cases
 from ndadam_fused import NDAdam
 from ndadam_fused.backends import triton_backend
-from ndadam_fused.optimizer import _unit_tolerance
+from ndadam_fused.rows import unit_tolerance as _unit_tolerance
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = ["cpu"] if INTERPRETER else (["cuda"] if torch.cuda.is_available() else [])
@@ -185,7 +185,8 @@ def test_length_one_rows_stay_exactly_unit_on_the_statistics_path(monkeypatch, d
     monkeypatch.setattr(triton_backend, "SINGLE_PASS_MAX", 0)
     generator = torch.Generator().manual_seed(11)
     weight = torch.nn.Parameter(torch.randn(256, 1, generator=generator, dtype=dtype).to(device))
-    opt = NDAdam([weight], lr=0.05, betas=(0.9, 0.99), backend="triton")
+    with pytest.warns(UserWarning, match="rows of length 1"):  # an explicit vector group: on purpose
+        opt = NDAdam([{"params": [weight], "vector": True}], lr=0.05, betas=(0.9, 0.99), backend="triton")
     for _ in range(4):
         weight.grad = (torch.randn(256, 1, generator=generator, dtype=dtype) * 10.0 ** torch.empty(256, 1).uniform_(-2, 0, generator=generator).to(dtype)).to(device)
         opt.step()
