@@ -16,13 +16,15 @@ rounded once when the new row is written back.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
 
+from .row_statistics import apply_row_statistics, row_statistics
 from .scalars import adam_step
 
-__all__ = ["vector_step", "scalar_step"]
+__all__ = ["vector_step", "scalar_step", "row_statistics", "apply_row_statistics"]
 
 
 def vector_step(
@@ -41,11 +43,12 @@ def vector_step(
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         step_t += 1
         t = step_t.item()
-        rows = param.shape[0]
+        # Spelled out rather than -1: a rank's shard of a DTensor may hold 0 rows.
+        rows, length = param.shape[0], math.prod(param.shape[1:])
         compute_dtype = exp_avg.dtype
-        w = param.reshape(rows, -1).to(compute_dtype)  # w_{i,t-1}, unit rows
-        g_bar = grad.reshape(rows, -1).to(compute_dtype)  # ḡ_t(w_i)
-        m = exp_avg.view(rows, -1)
+        w = param.reshape(rows, length).to(compute_dtype)  # w_{i,t-1}, unit rows
+        g_bar = grad.reshape(rows, length).to(compute_dtype)  # ḡ_t(w_i)
+        m = exp_avg.view(rows, length)
         v = exp_avg_sq
 
         # g_t(w_i) ← ḡ_t(w_i) − (ḡ_t(w_i) · w_{i,t−1}) w_{i,t−1}
