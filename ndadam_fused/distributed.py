@@ -356,6 +356,11 @@ def vector_step(
             split.append(index)
         else:
             whole.append(index)
+    # A rank may hold none of a tensor's rows (FSDP2's uneven Shard(0)): its step still counts,
+    # but the kernels only ever see tensors with elements.
+    for index in [i for i in whole if local(params[i]).numel() == 0]:
+        state_steps[index] += 1
+    whole = [i for i in whole if local(params[i]).numel()]
     if whole:
         views = RowMajorViews(
             [local(params[i]) for i in whole], [local_grad(params[i], grads[i]) for i in whole],
@@ -467,16 +472,26 @@ def zero_redundancy_owner() -> Any | None:
 
 def check_zero_redundancy_groups(param_groups: Sequence[Any]) -> None:
     """Under ZeRO every param group must say whether it holds vectors: ZeRO maps the groups of
-    each rank's optimizer one to one onto its own, so NDAdam cannot split a group in two."""
+    each rank's optimizer one to one onto its own, so NDAdam cannot split a group in two. And
+    ZeRO copies its keyword arguments into every group, so a ``vector_lr`` given to it would
+    reach every group: each group carries its own ``lr`` instead."""
     for index, group in enumerate(param_groups):
+        if isinstance(group, dict) and group.get("vector_lr") is not None:
+            raise ValueError(
+                f"NDAdam under ZeroRedundancyOptimizer: param group {index} has vector_lr="
+                f"{group['vector_lr']!r}. ZeRO copies its keyword arguments into every param group, so the "
+                "vector groups cannot be told apart from the rest by it: give each group its own 'lr', e.g. "
+                "groups from ndadam_fused.param_groups(model, lr=1e-3, vector_lr=0.05), and no vector_lr "
+                "to ZeroRedundancyOptimizer."
+            )
         if not isinstance(group, dict) or "vector" not in group:
             raise ValueError(
                 f"NDAdam under ZeroRedundancyOptimizer: param group {index} has no 'vector' key. ZeRO maps the "
                 "param groups of each rank's optimizer one to one onto its own, so NDAdam cannot split a group "
                 "into vector and scalar groups there. Pass groups that say what they hold, e.g. "
                 "ZeroRedundancyOptimizer([{**g, 'params': [p for _, p in g['params']]} for g in "
-                "ndadam_fused.param_groups(model)], optimizer_class=NDAdam, lr=...), or "
-                "[{'params': weights, 'vector': True}, {'params': others, 'vector': False}]."
+                "ndadam_fused.param_groups(model, lr=1e-3, vector_lr=0.05)], optimizer_class=NDAdam), or "
+                "[{'params': weights, 'vector': True, 'lr': 0.05}, {'params': others, 'vector': False, 'lr': 1e-3}]."
             )
 
 

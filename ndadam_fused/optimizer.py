@@ -209,7 +209,8 @@ def _split_param_group(
 
     if settings["backend"] != "auto":
         for param in tensors:
-            if isinstance(param, Tensor):
+            # A tensor on the meta device gets its real device later (to_empty); the step checks it then.
+            if isinstance(param, Tensor) and not param.is_meta:
                 reason = backends.unavailable_reason(settings["backend"], param.device)
                 if reason is not None:
                     raise RuntimeError(
