@@ -149,7 +149,13 @@ def unit_dim_one(placement: str, backend: str) -> dict:
         with mode:
             dist_opt.step()
         plain_opt.step()
-    return {"errors": _errors(dist_params, plain_params, dist_opt, plain_opt), "collectives": _collectives(mode)}
+    return {
+        "errors": _errors(dist_params, plain_params, dist_opt, plain_opt),
+        "collectives": _collectives(mode),
+        # [in, out] weights step through row-major work buffers, kept from step to step under
+        # the DTensor parameter itself (one per parameter, however many steps).
+        "buffer_keys": sorted(type(key).__name__ for key in dist_opt._row_buffers),
+    }
 
 
 # ---- FSDP2 and tensor parallelism on models ---------------------------------------------------
@@ -456,20 +462,41 @@ def _dcp_init_changes(model, opt) -> int:
     return sum(int((a != b).sum()) for a, b in zip(before, after))
 
 
-def dcp_resume(backend: str, checkpoint_dir: str, steps_before: int = 4, steps_after: int = 4) -> dict:
-    """FSDP2 + NDAdam: save with dcp.save at a step, continue; a fresh run loads the checkpoint
-    with dcp.load and set_state_dict and continues; the two must agree bit for bit."""
+def _checkpointed_model(layout: str, seed: int):
+    """A model laid out for ``layout`` ("fsdp": OddNet under FSDP2 on 1-D mesh; "fsdp-tp": the MLP
+    with tensor parallelism and FSDP2 on a 2 x 2 mesh), its optimizer and its rank's batch slice."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    if layout == "fsdp":
+        model = _fsdp(OddNet(), _mesh_1d())
+        rank = dist.get_rank()
+        return model, slice(4 * rank, 4 * (rank + 1))
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = _tensor_parallel(MLP(), mesh["tp"])
+    fully_shard(model, mesh=mesh["dp"])
+    dp_rank = mesh["dp"].get_local_rank()
+    return model, slice(2 * dp_rank, 2 * dp_rank + 2)
+
+
+def dcp_resume(backend: str, checkpoint_dir: str, layout: str = "fsdp", steps_before: int = 4, steps_after: int = 4) -> dict:
+    """Save with dcp.save at a step and continue; a fresh run (other initial weights) loads the
+    checkpoint with dcp.load and set_state_dict and continues; the two must agree bit for bit."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    mesh = _mesh_1d()
-    rank = dist.get_rank()
-    per_rank = slice(4 * rank, 4 * (rank + 1))
-    batches = _batches(steps_before + steps_after, 4 * dist.get_world_size(), torch.float32, seed=14)
+    steps = steps_before + steps_after
+    if layout == "fsdp":
+        batches = _batches(steps, 4 * dist.get_world_size(), torch.float32, seed=14)
+    else:
+        batches = _mlp_batches(steps, 4, torch.float32, seed=14)
 
-    torch.manual_seed(15)
-    model = _fsdp(OddNet(), mesh)
-    opt = NDAdam(model.parameters(), lr=0.01, vector_lr=0.05, betas=BETAS, backend=backend)
+    def build(seed):
+        model, per_rank = _checkpointed_model(layout, seed)
+        opt = NDAdam(model.parameters(), lr=0.01, vector_lr=0.05, betas=BETAS, backend=backend)
+        return model, opt, per_rank
+
+    model, opt, per_rank = build(15)
     _train(model, opt, batches[:steps_before], per_rank)
     model_state, optim_state = get_state_dict(model, opt)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=checkpoint_dir)
@@ -477,9 +504,7 @@ def dcp_resume(backend: str, checkpoint_dir: str, steps_before: int = 4, steps_a
     _train(model, opt, batches[steps_before:], per_rank)
     uninterrupted = _full_state(model, opt)
 
-    torch.manual_seed(16)  # other initial weights: everything must come from the checkpoint
-    resumed = _fsdp(OddNet(), mesh)
-    resumed_opt = NDAdam(resumed.parameters(), lr=0.01, vector_lr=0.05, betas=BETAS, backend=backend)
+    resumed, resumed_opt, _ = build(16)  # other initial weights: everything must come from the checkpoint
     init_changes = _dcp_init_changes(resumed, resumed_opt)
     model_state, optim_state = get_state_dict(resumed, resumed_opt)
     state_dict = {"model": model_state, "optim": optim_state}
@@ -492,6 +517,7 @@ def dcp_resume(backend: str, checkpoint_dir: str, steps_before: int = 4, steps_a
     def differing(a, b):
         return sum(int((x != y).sum()) for x, y in zip(a[0] + a[1], b[0] + b[1]))
 
+    rank = dist.get_rank()
     return {
         "dcp_init_changed_elements": init_changes,
         "loaded_differs_from_saved": differing(loaded, (saved_params, saved_state)),
@@ -499,6 +525,7 @@ def dcp_resume(backend: str, checkpoint_dir: str, steps_before: int = 4, steps_a
         "saved": (saved_params, saved_state) if rank == 0 else None,
         "uninterrupted": uninterrupted if rank == 0 else None,
         "state_local_shapes": [tuple(resumed_opt.state[p]["exp_avg"].to_local().shape) for p in resumed.parameters()],
+        "exp_avg_sq_placements": [str(resumed_opt.state[p]["exp_avg_sq"].placements) for p in resumed.parameters()],
     }
 
 
@@ -580,3 +607,63 @@ def triton_rows_whole() -> dict:
     _train(model, opt, batches, slice(4 * rank, 4 * (rank + 1)))
     _train(reference, reference_opt, batches)
     return {"error": _model_errors(model, reference)}
+
+
+# ---- Gradients and state laid out otherwise ---------------------------------------------------
+
+
+def partial_gradient(backend: str) -> dict:
+    """Replicated params whose gradients are Partial sums (as some tensor-parallel plans leave
+    them): each gradient is reduced to the param's placements, and the step is one process's
+    with the summed gradient."""
+    mesh = _mesh_1d()
+    full = _full_values([(4, 6), (5,)], torch.float64, seed=22)
+    normalize_rows_(full[0])
+    dist_params = [nn.Parameter(distribute_tensor(x.clone(), mesh, [Replicate()])) for x in full]
+    plain_params = [nn.Parameter(x.clone()) for x in full]
+    dist_opt = NDAdam(dist_params, lr=0.05, betas=BETAS, backend=backend)
+    plain_opt = NDAdam(plain_params, lr=0.05, betas=BETAS, backend=backend)
+    generator = torch.Generator().manual_seed(23 + dist.get_rank())
+    for _ in range(3):
+        for p, q in zip(dist_params, plain_params):
+            mine = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            total = mine.clone()
+            dist.all_reduce(total)
+            p.grad = DTensor.from_local(mine, mesh, [Partial()])
+            q.grad = total
+        dist_opt.step()
+        plain_opt.step()
+    return {"errors": _errors(dist_params, plain_params, dist_opt, plain_opt)}
+
+
+def mismatched_layouts() -> dict:
+    """A plain gradient for a DTensor, and a plain-tensor state dict loaded into DTensor state:
+    clear errors naming the parameter, nothing modified."""
+    mesh = _mesh_1d()
+    weight = nn.Parameter(distribute_tensor(_full_values([(4, 6)], torch.float32, seed=24)[0], mesh, [Shard(0)]))
+    opt = NDAdam([("fc.weight", weight)], lr=0.1)
+    before = weight.to_local().clone()
+    weight.grad = torch.randn(4, 6)
+    messages = {}
+    try:
+        opt.step()
+    except RuntimeError as error:
+        messages["gradient"] = str(error)
+    messages["state_after_gradient_error"] = len(opt.state)
+    plain = {
+        "state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(4, 6), "exp_avg_sq": torch.zeros(4)}},
+        "param_groups": [{**{k: v for k, v in opt.param_groups[0].items() if k != "params"}, "params": [0]}],
+    }
+    try:
+        opt.load_state_dict(plain)
+    except ValueError as error:
+        messages["state"] = str(error)
+    messages["state_after_load_error"] = len(opt.state)
+    messages["unchanged"] = torch.equal(before, weight.to_local())
+    return messages
+
+
+def hang_on_rank_0() -> None:
+    """Rank 0 waits in an all-reduce that rank 1 never joins: the harness must fail the job."""
+    if dist.get_rank() == 0:
+        dist.all_reduce(torch.ones(1))

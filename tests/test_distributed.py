@@ -129,6 +129,7 @@ def test_unit_dim_1_rows_are_columns(ranks, placement, backend, collectives):
     for result in ranks.run(cases.unit_dim_one, placement=placement, backend=backend):
         assert result["errors"]["param"] <= TOLERANCE["float64"]
         assert result["collectives"] == collectives
+        assert result["buffer_keys"] and set(result["buffer_keys"]) == {"DTensor"}
 
 
 @pytest.mark.parametrize("backend, dtype", cases_of((NATIVE, "float32"), ("reference", "float64")))
@@ -151,6 +152,22 @@ def test_fsdp2_with_tensor_parallel_on_a_2d_mesh(four_ranks, backend, dtype):
         assert result["placements"]["up.weight"].startswith("(_StridedShard(dim=0")
         assert result["error"] <= TOLERANCE[dtype], result["error"]
         assert result["step_collectives"] == {"c10d.allreduce_": 1}
+
+
+@pytest.mark.parametrize("backend", cases_of(NATIVE, "reference"))
+def test_partial_gradients_are_reduced_to_the_params_placements(ranks, backend):
+    for result in ranks.run(cases.partial_gradient, backend=backend):
+        assert result["errors"]["param"] <= TOLERANCE["float64"]
+        assert result["errors"]["exp_avg"] <= TOLERANCE["float64"]
+
+
+def test_plain_gradient_or_state_for_a_dtensor_is_refused(ranks):
+    for result in ranks.run(cases.mismatched_layouts):
+        assert "'fc.weight'" in result["gradient"] and "a plain-tensor gradient for a DTensor" in result["gradient"]
+        assert "is a plain tensor but the parameter is a DTensor" in result["state"]
+        assert "set_optimizer_state_dict" in result["state"]
+        assert result["state_after_gradient_error"] == 0 and result["state_after_load_error"] == 0
+        assert result["unchanged"]
 
 
 # ---- Construction -------------------------------------------------------------------------
@@ -204,6 +221,7 @@ def test_backend_without_the_rows_split_step_is_refused_before_any_change(ranks)
 # ---- Distributed checkpoints --------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 @pytest.mark.parametrize("backend", cases_of(NATIVE, "reference"))
 def test_dcp_resume_is_bit_exact_and_reshards_to_one_process(ranks, backend, tmp_path):
     import torch.distributed.checkpoint as dcp
@@ -234,6 +252,18 @@ def test_dcp_resume_is_bit_exact_and_reshards_to_one_process(ranks, backend, tmp
     uninterrupted_params, _ = results[0]["uninterrupted"]
     error = max((p.detach() - q).abs().max().item() for p, q in zip(model.parameters(), uninterrupted_params))
     assert error <= TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize("backend", cases_of(NATIVE, "reference"))
+def test_dcp_resume_under_fsdp2_and_tensor_parallel_is_bit_exact(four_ranks, backend, tmp_path):
+    results = four_ranks.run(cases.dcp_resume, backend=backend, checkpoint_dir=str(tmp_path / "checkpoint"), layout="fsdp-tp")
+    for rank, result in enumerate(results):
+        assert result["dcp_init_changed_elements"] == 0, f"rank {rank}: DCP's state-initializing step moved weights"
+        assert result["loaded_differs_from_saved"] == 0
+        assert result["resumed_differs_from_uninterrupted"] == 0
+    # up (Colwise, then FSDP2): rows interleaved over the 2-D mesh; down (Rowwise): rows split over tp.
+    assert results[0]["exp_avg_sq_placements"][0] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+    assert results[0]["exp_avg_sq_placements"][2] == "(Shard(dim=0), Replicate())"
 
 
 @pytest.mark.parametrize("backend", cases_of(NATIVE, "reference"))
@@ -416,3 +446,13 @@ def test_row_statistics_reference_checks_the_buffer():
     params, grads, exp_avgs, _, _ = _problem(torch.float32)
     with pytest.raises(ValueError, match=r"the buffer has shape \[13, 6\].*expected \[14, 6\]"):
         row_statistics.row_statistics(params, grads, exp_avgs, torch.empty(13, 6))
+
+
+def test_a_job_that_hangs_fails_within_its_timeout():
+    """The harness's own check: a collective that one rank never joins fails the job instead of
+    hanging the suite, and the next job gets a fresh pool."""
+    pool = distributed_harness.pool(2)
+    with pytest.raises(distributed_harness.JobTimeout, match=r"ranks \[0\] did not finish"):
+        pool.run(cases.hang_on_rank_0, timeout_s=5)
+    assert pool.broken
+    assert distributed_harness.pool(2) is not pool

@@ -11,12 +11,14 @@ This is the oracle the fused backends are tested against, written to be read nex
 
 The math runs in the state's dtype (fp32, or fp64), so bf16 and fp16 params are read up and
 rounded once when the new row is written back.
+
+For rows split across ranks (tensor parallelism) it exposes the two-phase step of
+:mod:`.row_statistics`, in plain PyTorch too.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import Tensor
@@ -43,12 +45,11 @@ def vector_step(
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         step_t += 1
         t = step_t.item()
-        # Spelled out rather than -1: a rank's shard of a DTensor may hold 0 rows.
-        rows, length = param.shape[0], math.prod(param.shape[1:])
+        rows = param.shape[0]
         compute_dtype = exp_avg.dtype
-        w = param.reshape(rows, length).to(compute_dtype)  # w_{i,t-1}, unit rows
-        g_bar = grad.reshape(rows, length).to(compute_dtype)  # ḡ_t(w_i)
-        m = exp_avg.view(rows, length)
+        w = param.reshape(rows, -1).to(compute_dtype)  # w_{i,t-1}, unit rows
+        g_bar = grad.reshape(rows, -1).to(compute_dtype)  # ḡ_t(w_i)
+        m = exp_avg.view(rows, -1)
         v = exp_avg_sq
 
         # g_t(w_i) ← ḡ_t(w_i) − (ḡ_t(w_i) · w_{i,t−1}) w_{i,t−1}
