@@ -84,7 +84,7 @@ def is_dtensor(tensor: Any) -> bool:
 
 
 def local(tensor: Tensor) -> Tensor:
-    """The rank's own piece of a DTensor (the same tensor object on every call); a plain tensor as it is."""
+    """The rank's own piece of a DTensor (its memory, not a copy); a plain tensor as it is."""
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
