@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import time
 import warnings
@@ -131,6 +132,9 @@ def weights_digest(model: nn.Module) -> str:
     """SHA-256 of every weight's full value (gathered), in parameter order."""
     from torch.distributed.tensor import DTensor
 
+    # Gathering FSDP2-over-TP weights takes two all-gathers, which torch logs as suboptimal: it is
+    # done once, for this digest.
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     digest = hashlib.sha256()
     for _, param in sorted(model.named_parameters()):
         full = param.detach().full_tensor() if isinstance(param, DTensor) else param.detach()

@@ -2,7 +2,7 @@
 
 Run with torchrun; every rank times the same steps and the slowest rank counts::
 
-    torchrun --standalone --nproc_per_node 2 -m benchmarks.step_distributed --set wrn-28-10
+    torchrun --standalone --nproc_per_node 2 -m benchmarks.step_distributed --sets wrn-28-10,gpt2-small
 
 Two layouts of one parameter set (``benchmarks/param_sets.py``), both fp32:
 
@@ -164,7 +164,7 @@ def run_layout(layout: str, set_name: str, candidates: list[str], args, device: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--set", default="wrn-28-10", choices=sorted(param_sets.SETS))
+    parser.add_argument("--sets", default="wrn-28-10,gpt2-small", help="comma-separated: " + ", ".join(param_sets.SETS))
     parser.add_argument("--layouts", default="fsdp,rows-split")
     parser.add_argument("--candidates", default="ndadam-native,adam-fused,adam-foreach")
     parser.add_argument("--repeats", type=int, default=20)
@@ -174,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
     if args.quick:
-        args.set, args.repeats, args.warmup = "wrn-16-4", 3, 1
+        args.sets, args.repeats, args.warmup = "wrn-16-4", 3, 1
+    unknown = [name for name in args.sets.split(",") if name not in param_sets.SETS]
+    if unknown:
+        parser.error(f"unknown sets {unknown}; choose from {', '.join(param_sets.SETS)}")
 
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -182,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     candidates = args.candidates.split(",")
     rows = []
-    for layout in args.layouts.split(","):
-        rows += run_layout(layout, args.set, candidates, args, device)
+    for set_name in args.sets.split(","):
+        for layout in args.layouts.split(","):
+            rows += run_layout(layout, set_name, candidates, args, device)
     if dist.get_rank() == 0:
         stamp = {
             "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
@@ -191,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "date": datetime.date.today().isoformat(),
         }
         rows = [{**row, **stamp} for row in rows]
-        print(f"{'layout':<11} {'set':<10} {'candidate':<15} {'median ms':>10} {'vs adam-fused':>14} {'all-reduce B/step':>18} {'B/row':>6}")
+        print(f"{'layout':<11} {'set':<11} {'candidate':<15} {'median ms':>10} {'vs adam-fused':>14} {'all-reduce B/step':>18} {'B/row':>6}")
         for row in rows:
-            print(f"{row['layout']:<11} {row['set']:<10} {row['candidate']:<15} {row['median_ms']:>10.2f} "
+            print(f"{row['layout']:<11} {row['set']:<11} {row['candidate']:<15} {row['median_ms']:>10.2f} "
                   f"{row['vs_adam_fused']!s:>14} {row['all_reduce_bytes_per_step']:>18} {row['bytes_per_local_row']!s:>6}")
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"step_{device.type}_distributed{args.tag}.csv"

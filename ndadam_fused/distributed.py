@@ -170,10 +170,11 @@ def _exp_avg_sq_placements(layout: RowLayout) -> tuple[Any, ...]:
     for mesh_dim, placement in enumerate(layout.placements):
         if mesh_dim not in layout.row_mesh_dims:
             placements.append(Replicate())
-        elif isinstance(placement, Shard):
-            placements.append(Shard(0))
-        else:  # _StridedShard of the row dim: the same interleaving of row indices
+        elif _StridedShard is not None and isinstance(placement, _StridedShard):
+            # The same interleaving of row indices (tested first: older torch derives it from Shard).
             placements.append(_StridedShard(0, split_factor=placement.split_factor))
+        else:
+            placements.append(Shard(0))
     return tuple(placements)
 
 
