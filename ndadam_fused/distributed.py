@@ -79,8 +79,19 @@ else:  # a torch build without distributed support has no DTensors
     DTensor = None
 
 
+class _NoDTensor:
+    """Stands for DTensor where torch has none: no tensor is an instance."""
+
+
+DTENSOR_TYPE: type = DTensor if DTensor is not None else _NoDTensor
+#: Types that are never DTensors. isinstance() against a tensor class goes through torch's
+#: metaclass (about 0.2 us); a set lookup of type() settles the common case first (0.03 us), which
+#: counts in loops over thousands of parameters per step.
+PLAIN_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+
+
 def is_dtensor(tensor: Any) -> bool:
-    return DTensor is not None and isinstance(tensor, DTensor)
+    return type(tensor) not in PLAIN_TENSOR_TYPES and isinstance(tensor, DTENSOR_TYPE)
 
 
 def local(tensor: Tensor) -> Tensor:

@@ -41,6 +41,10 @@ from .rows import (
 
 __all__ = ["NDAdam", "ndadam"]
 
+# Checked for every parameter at every step: see distributed.PLAIN_TENSOR_TYPES.
+_DTENSOR = distributed.DTENSOR_TYPE
+_PLAIN = distributed.PLAIN_TENSOR_TYPES
+
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
 
@@ -437,16 +441,19 @@ class NDAdam(Optimizer):
         ``deferred``)."""
         vector = group["vector"]
         unit_dim = group.get("unit_dim", 0)
+        any_dtensor = False
         for param_index, param in enumerate(group["params"]):
             grad = param.grad
             if grad is None or param.numel() == 0:
                 continue
+            is_dtensor = type(param) not in _PLAIN and isinstance(param, _DTENSOR)
+            any_dtensor |= is_dtensor
             if (
                 grad.layout is not torch.strided
                 or grad.dtype is not param.dtype
                 or grad.device != param.device
                 or grad.shape != param.shape
-                or distributed.is_dtensor(grad) != distributed.is_dtensor(param)
+                or (type(grad) not in _PLAIN and isinstance(grad, _DTENSOR)) is not is_dtensor
             ):
                 self._raise_for_gradient(group_index, group, param_index)
             state = self.state[param]
@@ -477,7 +484,7 @@ class NDAdam(Optimizer):
         if params:
             for device in {p.device for p in params}:
                 backends.resolve(group["backend"], device)  # raises, saying how to get it, when missing
-            if vector:
+            if vector and any_dtensor:
                 for device in {p.device for p in params if distributed.is_dtensor(p) and distributed.row_layout(p, unit_dim).rows_split}:
                     backends.resolve_row_split(group["backend"], device)
 
@@ -661,7 +668,7 @@ def ndadam(
     if not params:
         return
     implementation = backends.resolve(backend, params[0].device)
-    if any(distributed.is_dtensor(p) for p in params):
+    if not _PLAIN.issuperset(map(type, params)) and any(map(distributed.is_dtensor, params)):
         # FSDP2 / tensor-parallel parameters: the kernels step their local pieces.
         step = distributed.vector_step if vector else distributed.scalar_step
         hyperparameters = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps)
