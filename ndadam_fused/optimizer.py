@@ -289,6 +289,13 @@ class NDAdam(Optimizer):
             :func:`ndadam_fused.backends.available_backends`. It belongs to this machine: loading
             a state dict keeps it.
 
+    Distributed: build it over the DTensors that ``fully_shard`` (FSDP2) or ``parallelize_module``
+    leave on the model; each rank steps and keeps state for its local pieces only, with no
+    communication where rows are whole on a rank and one all-reduce per group and step where
+    tensor parallelism splits them (see :mod:`ndadam_fused.distributed`). Checkpoint with
+    ``torch.distributed.checkpoint``. Under ``ZeroRedundancyOptimizer`` every param group must
+    carry ``"vector"`` and its own ``"lr"``.
+
     Rows of trainable vector tensors are normalized in place at construction (frozen ones,
     ``requires_grad=False``, are left untouched until their first step). Loading weights
     into the model after building the optimizer: call :meth:`normalize_rows_`. When resuming,
