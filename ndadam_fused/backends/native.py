@@ -24,15 +24,7 @@ from torch.optim.optimizer import Optimizer
 
 from .scalars import adam_step
 
-__all__ = [
-    "SINGLE_PASS_MAX_ROW_LENGTH",
-    "apply_row_statistics",
-    "row_split_unavailable_reason",
-    "row_statistics",
-    "scalar_step",
-    "unavailable_reason",
-    "vector_step",
-]
+__all__ = ["SINGLE_PASS_MAX_ROW_LENGTH", "scalar_step", "unavailable_reason", "vector_step"]
 
 #: Rows longer than this take the statistics path; None means the compiled default (8192).
 #: On CUDA it cannot exceed the default: the exact path keeps the whole row in registers.
