@@ -33,7 +33,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CPU_SOURCES = ["csrc/ndadam_op.cpp", "csrc/cpu/vector_step_cpu.cpp"]
+CPU_SOURCES = ["csrc/ndadam_op.cpp", "csrc/cpu/vector_step_cpu.cpp", "csrc/split_rows_op.cpp", "csrc/cpu/split_rows_cpu.cpp"]
 CUDA_SOURCES = ["csrc/cuda/vector_step_cuda.cu"]
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 

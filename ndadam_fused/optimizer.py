@@ -29,11 +29,22 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from . import backends
+from . import backends, distributed
 from .rounding import tensor_seed
-from .rows import RowMajorViews, new_exp_avg, normalize_rows_, row_length, state_dtype, zero_rows
+from .rows import (
+    RowMajorViews,
+    new_exp_avg,
+    normalize_rows_unchecked_,
+    row_length,
+    state_dtype,
+    zero_rows,
+)
 
 __all__ = ["NDAdam", "ndadam", "hyperparameter_tensor"]
+
+# Checked for every parameter at every step: see distributed.PLAIN_TENSOR_TYPES.
+_DTENSOR = distributed.DTENSOR_TYPE
+_PLAIN = distributed.PLAIN_TENSOR_TYPES
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
@@ -74,10 +85,19 @@ def _check_hyperparameters(
     backends.check_name(backend, where=where)
 
 
+#: DTensor vector params whose all-zero-row check waits for one agreed verdict across ranks:
+#: (param, unit_dim, how errors name it).
+DeferredChecks = list[tuple[Tensor, int, str]]
+
+
 def _check_param(
-    param: Any, name: str | None, vector: bool, unit_dim: int, group_index: int, param_index: int
+    param: Any, name: str | None, vector: bool, unit_dim: int, group_index: int, param_index: int,
+    deferred: DeferredChecks,
 ) -> None:
-    """Everything about one tensor that can be checked before a step; raises, never modifies."""
+    """Everything about one tensor that can be checked before a step; raises, never modifies.
+
+    The all-zero-row check of a DTensor goes to ``deferred`` (see :func:`_check_deferred_zero_rows`).
+    """
     if not isinstance(param, Tensor):
         raise TypeError(
             f"NDAdam can only optimize Tensors, but param_groups[{group_index}]['params']"
@@ -86,6 +106,8 @@ def _check_param(
     where = _describe(param, name, group_index, param_index)
     if param.is_complex() or not param.is_floating_point():
         raise ValueError(f"NDAdam: {where} has dtype {param.dtype}; ND-Adam needs real floating-point tensors")
+    if distributed.is_dtensor(param) and not (vector and param.dim() < 2):
+        distributed.check_placements(param, vector, unit_dim if 0 <= unit_dim < param.dim() else 0, where)
     if not vector:
         return
     if param.dim() < 2:
@@ -109,17 +131,40 @@ def _check_param(
             stacklevel=4,
         )
     if param.requires_grad:
-        _check_zero_rows(param, unit_dim, where)
+        _check_zero_rows(param, unit_dim, where, deferred)
 
 
-def _check_zero_rows(param: Tensor, unit_dim: int, where: str) -> None:
+def _zero_row_error(where: str, count: int, first: str) -> ValueError:
+    return ValueError(
+        f"NDAdam: {where} has an all-zero row ({count} in all, {first}); ND-Adam "
+        "keeps every row at unit norm and a zero row cannot be normalized. Initialize it with "
+        "nonzero values, or pass it in a param group with 'vector': False to update it with Adam."
+    )
+
+
+def _check_zero_rows(param: Tensor, unit_dim: int, where: str, deferred: DeferredChecks) -> None:
+    if distributed.is_dtensor(param):
+        deferred.append((param, unit_dim, where))
+        return
+    if param.is_meta:  # no values yet: checked when it is normalized or first stepped
+        return
     count, first = zero_rows(param, unit_dim)
     if count:
-        raise ValueError(
-            f"NDAdam: {where} has an all-zero row ({count} in all, the first is row {first}); ND-Adam "
-            "keeps every row at unit norm and a zero row cannot be normalized. Initialize it with "
-            "nonzero values, or pass it in a param group with 'vector': False to update it with Adam."
-        )
+        raise _zero_row_error(where, count, f"the first is row {first}")
+
+
+def _check_deferred_zero_rows(deferred: DeferredChecks) -> None:
+    """The all-zero-row check of DTensors: on local rows, one verdict agreed by all ranks."""
+    if not deferred:
+        return
+    params = [param for param, _, _ in deferred]
+    unit_dims = [unit_dim for _, unit_dim, _ in deferred]
+    sums = distributed.row_sums_of_squares(params, unit_dims)
+    for (_, _, where), (count, first) in zip(deferred, distributed.agreed_zero_rows(params, unit_dims, sums)):
+        if count:
+            raise _zero_row_error(
+                where, count, f"the first on this rank is its local row {first}" if first >= 0 else "none on this rank"
+            )
 
 
 def _is_automatic_vector(param: Tensor, unit_dim: int) -> bool:
@@ -128,7 +173,7 @@ def _is_automatic_vector(param: Tensor, unit_dim: int) -> bool:
 
 
 def _split_param_group(
-    param_group: dict[str, Any], defaults: dict[str, Any], group_index: int
+    param_group: dict[str, Any], defaults: dict[str, Any], group_index: int, deferred: DeferredChecks
 ) -> tuple[list[dict[str, Any]], bool]:
     """Check a user's param group and split it into vector and scalar groups (no side effects).
 
@@ -184,7 +229,8 @@ def _split_param_group(
 
     if settings["backend"] != "auto":
         for param in tensors:
-            if isinstance(param, Tensor):
+            # A tensor on the meta device gets its real device later (to_empty); the step checks it then.
+            if isinstance(param, Tensor) and not param.is_meta:
                 reason = backends.unavailable_reason(settings["backend"], param.device)
                 if reason is not None:
                     raise RuntimeError(
@@ -202,7 +248,7 @@ def _split_param_group(
                 + "; vector_lr is the lr of vector groups that have no 'lr' of their own. Set 'lr' only."
             )
         for i, (param, name) in enumerate(zip(tensors, names)):
-            _check_param(param, name, vector, unit_dim, group_index, i)
+            _check_param(param, name, vector, unit_dim, group_index, i, deferred)
         lr_from_vector_lr = vector and "lr" not in param_group and vector_lr is not None
         lr = vector_lr if lr_from_vector_lr else settings["lr"]
         piece = {**settings, "params": params, "vector": vector, "lr": lr}
@@ -210,7 +256,7 @@ def _split_param_group(
 
     is_vector = [isinstance(p, Tensor) and _is_automatic_vector(p, unit_dim) for p in tensors]
     for i, (param, name) in enumerate(zip(tensors, names)):
-        _check_param(param, name, is_vector[i], unit_dim, group_index, i)
+        _check_param(param, name, is_vector[i], unit_dim, group_index, i, deferred)
     vector_params = [p for p, v in zip(params, is_vector) if v]
     scalar_params = [p for p, v in zip(params, is_vector) if not v]
     if group_vector_lr is not None and not vector_params:
@@ -285,6 +331,13 @@ class NDAdam(Optimizer):
             extra copy, reproducible, resumed bit for bit. Not with ``master_weights``; not for
             fp16 parameters (use ``master_weights``).
 
+    Distributed: build it over the DTensors that ``fully_shard`` (FSDP2) or ``parallelize_module``
+    leave on the model; each rank steps and keeps state for its local pieces only, with no
+    communication where rows are whole on a rank and one all-reduce per group and step where
+    tensor parallelism splits them (see :mod:`ndadam_fused.distributed`). Checkpoint with
+    ``torch.distributed.checkpoint``. Under ``ZeroRedundancyOptimizer`` every param group must
+    carry ``"vector"`` and its own ``"lr"``.
+
     ``step()`` takes part in ``torch.amp.GradScaler`` the way torch's fused Adam does
     (``_step_supports_amp_scaling``): the scaler sets ``grad_scale`` and ``found_inf`` on the
     optimizer, the kernels unscale gradients on the fly and skip the whole step (params, moments,
@@ -330,8 +383,12 @@ class NDAdam(Optimizer):
         # that an error in the last group leaves every tensor untouched.
         seen: dict[int, int] = {}
         vector_lr_used = False
+        deferred: DeferredChecks = []
+        zero_redundancy = distributed.zero_redundancy_owner()
+        if zero_redundancy is not None:
+            distributed.check_zero_redundancy_groups(param_groups)
         for index, group in enumerate(param_groups):
-            pieces, used = _split_param_group(group, defaults, index)
+            pieces, used = _split_param_group(group, defaults, index, deferred)
             vector_lr_used |= used
             self._check_no_repeats(pieces, index, seen)
         if vector_lr is not None and not vector_lr_used:
@@ -340,9 +397,18 @@ class NDAdam(Optimizer):
                 "own 'lr' (or there is no vector tensor). Leave 'lr' out of the vector groups (e.g. "
                 "param_groups(model) without lr/vector_lr) or drop vector_lr."
             )
+        _check_deferred_zero_rows(deferred)
+        if zero_redundancy is not None:
+            distributed.normalize_zero_redundancy_replicas_(zero_redundancy)
         self._row_buffers: MutableMapping[Tensor, Tensor] = {}
         self._hyper: dict[tuple[int, torch.device], tuple[Tensor, list[Any]]] = {}
-        super().__init__(param_groups, defaults)
+        # The DTensors were checked above, with one verdict for all groups: torch's constructor
+        # adds the groups one by one, and their checks need not be agreed again.
+        self._dtensor_rows_checked = True
+        try:
+            super().__init__(param_groups, defaults)
+        finally:
+            self._dtensor_rows_checked = False
 
     @staticmethod
     def _check_no_repeats(pieces: list[dict[str, Any]], group_index: int, seen: dict[int, int]) -> None:
@@ -379,9 +445,12 @@ class NDAdam(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; a group without ``"vector"`` is split as in the constructor."""
-        pieces, _ = _split_param_group(param_group, self.defaults, len(self.param_groups))
+        deferred: DeferredChecks = []
+        pieces, _ = _split_param_group(param_group, self.defaults, len(self.param_groups), deferred)
         seen = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
         self._check_no_repeats(pieces, len(self.param_groups), seen)
+        if not getattr(self, "_dtensor_rows_checked", False):
+            _check_deferred_zero_rows(deferred)
         added = 0
         try:
             for piece in pieces:
@@ -394,7 +463,7 @@ class NDAdam(Optimizer):
             # torch fills every default into the group; vector_lr has done its work in the split.
             group.pop("vector_lr", None)
             if group["vector"]:
-                normalize_rows_([p for p in group["params"] if p.requires_grad and p.numel()], group["unit_dim"])
+                normalize_rows_unchecked_([p for p in group["params"] if p.requires_grad and p.numel()], group["unit_dim"])
 
     @torch.no_grad()
     def normalize_rows_(self) -> None:
@@ -405,40 +474,53 @@ class NDAdam(Optimizer):
         An all-zero row raises before anything is modified.
         """
         groups = [g for g in self.param_groups if g["vector"]]
+        deferred: DeferredChecks = []
         for group_index, group in enumerate(self.param_groups):
             if group["vector"]:
                 names = group.get("param_names")
                 for param_index, param in enumerate(group["params"]):
                     if param.numel():
                         name = names[param_index] if names else None
-                        _check_zero_rows(param, group["unit_dim"], _describe(param, name, group_index, param_index))
+                        where = _describe(param, name, group_index, param_index)
+                        _check_zero_rows(param, group["unit_dim"], where, deferred)
+        _check_deferred_zero_rows(deferred)
         for group in groups:
-            normalize_rows_([p for p in group["params"] if p.numel()], group["unit_dim"])
+            normalize_rows_unchecked_([p for p in group["params"] if p.numel()], group["unit_dim"])
 
     def _check_step_inputs(self) -> None:
         """Everything a step can fail on, for every group, before any tensor or state is touched:
         each gradient's layout, dtype, device and shape, all-zero rows of vector tensors about to
         get their first step, and the backends. Raises naming the parameter."""
+        deferred: DeferredChecks = []
         for group_index, group in enumerate(self.param_groups):
-            devices = set()
+            devices, split_devices = set(), set()
             names = group.get("param_names")
+            unit_dim = group.get("unit_dim", 0)
             for param_index, param in enumerate(group["params"]):
                 grad = param.grad
                 if grad is None or param.numel() == 0:
                     continue
+                is_dtensor = type(param) not in _PLAIN and isinstance(param, _DTENSOR)
                 if (
                     grad.layout is not torch.strided
                     or grad.dtype is not param.dtype
                     or grad.device != param.device
                     or grad.shape != param.shape
+                    or (type(grad) not in _PLAIN and isinstance(grad, _DTENSOR)) is not is_dtensor
                 ):
                     self._raise_for_gradient(group_index, group, param_index)
                 if group["vector"] and not self.state.get(param):
                     where = _describe(param, names[param_index] if names else None, group_index, param_index)
-                    _check_zero_rows(param, group.get("unit_dim", 0), where)
+                    _check_zero_rows(param, unit_dim, where, deferred)
                 devices.add(param.device)
+                if is_dtensor and group["vector"] and distributed.row_layout(param, unit_dim).rows_split:
+                    split_devices.add(param.device)
             for device in devices:
                 backends.resolve(group["backend"], device)  # raises, saying how to get it, when missing
+            for device in split_devices:
+                backends.resolve_row_split(group["backend"], device)
+        # DTensors: one verdict on their local rows, agreed by every rank (so all raise together).
+        _check_deferred_zero_rows(deferred)
 
     def _init_group(
         self,
@@ -462,8 +544,7 @@ class NDAdam(Optimizer):
         """
         if group_index == 0:
             self._check_step_inputs()
-        vector = group["vector"]
-        unit_dim = group.get("unit_dim", 0)
+        created = []
         for param_index, param in enumerate(group["params"]):
             grad = param.grad
             if grad is None or param.numel() == 0:
@@ -471,6 +552,7 @@ class NDAdam(Optimizer):
             state = self.state[param]
             if len(state) == 0:
                 self._init_state(group_index, group, param_index, param, state)
+                created.append(param)
             params.append(param)
             grads.append(grad)
             exp_avgs.append(state["exp_avg"])
@@ -478,6 +560,10 @@ class NDAdam(Optimizer):
             state_steps.append(state["step"])
             master_params.append(state.get("master_param"))
             rounding_seeds.append(state.get("rounding_seed"))
+        if created and group["vector"] and group["master_weights"]:
+            # Unit in fp32, not only to bf16's precision: the projection assumes it.
+            masters = [self.state[p]["master_param"] for p in created if "master_param" in self.state[p]]
+            normalize_rows_unchecked_(masters, group.get("unit_dim", 0))
 
     @torch.no_grad()
     def _init_state(self, group_index: int, group: dict[str, Any], param_index: int, param: Tensor,
@@ -487,14 +573,18 @@ class NDAdam(Optimizer):
         low_precision = param.dtype in (torch.bfloat16, torch.float16)
         if vector:
             # Unit rows from the first step on: normalized at construction (then this changes no
-            # bit), or frozen then and never normalized.
-            normalize_rows_(param, unit_dim)
+            # bit), or frozen then and never normalized. (Rows were checked by _check_step_inputs.)
+            normalize_rows_unchecked_([param], unit_dim)
         # On the param's device, as fused Adam keeps it: the fused kernels read it there.
+        # A plain tensor for DTensors too: every rank counts the same steps.
         state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
         if vector:
             dtype = state_dtype(param, vector)
-            state["exp_avg"] = new_exp_avg(param, unit_dim, dtype)
-            state["exp_avg_sq"] = torch.zeros(param.shape[unit_dim], dtype=dtype, device=param.device)
+            if distributed.is_dtensor(param):
+                state["exp_avg"], state["exp_avg_sq"] = distributed.new_vector_state(param, unit_dim, dtype)
+            else:
+                state["exp_avg"] = new_exp_avg(param, unit_dim, dtype)
+                state["exp_avg_sq"] = torch.zeros(param.shape[unit_dim], dtype=dtype, device=param.device)
         else:
             # Scalars with a master copy or stochastic rounding are stepped in fp32: so is their state.
             extended = low_precision and (group["master_weights"] or group["stochastic_rounding"])
@@ -506,10 +596,10 @@ class NDAdam(Optimizer):
                 tensor_seed(group_index, param_index), dtype=torch.int64, device=param.device
             )
         if group["master_weights"] and low_precision:
-            if vector:
+            if vector and distributed.is_dtensor(param):
+                master = distributed.new_vector_state(param, unit_dim, torch.float32)[0].copy_(param)
+            elif vector:
                 master = new_exp_avg(param, unit_dim, torch.float32).copy_(param)
-                # Unit in fp32, not only to bf16's precision: the projection assumes it.
-                normalize_rows_(master, unit_dim)
             else:
                 master = param.detach().to(torch.float32, memory_format=torch.preserve_format).clone()
             state["master_param"] = master
@@ -557,6 +647,12 @@ class NDAdam(Optimizer):
             )
         elif grad.device != param.device:
             problem = f"its gradient on {grad.device} but lives on {param.device}"
+        elif distributed.is_dtensor(param) != distributed.is_dtensor(grad):
+            problem = (
+                "a DTensor gradient for a plain tensor" if distributed.is_dtensor(grad) else
+                f"a plain-tensor gradient for a DTensor (placements {tuple(param.placements)}); the gradient "
+                "must be a DTensor laid out like its parameter, as FSDP2 and tensor parallelism leave it"
+            )
         else:
             problem = f"a gradient of shape {list(grad.shape)} that does not match the parameter"
         names = group.get("param_names")
@@ -634,6 +730,14 @@ class NDAdam(Optimizer):
                 }
                 for key, shape in expected.items():
                     value = saved_state.get(key)
+                    if isinstance(value, Tensor) and distributed.is_dtensor(value) != distributed.is_dtensor(param):
+                        raise ValueError(
+                            f"NDAdam.load_state_dict: state '{key}' of {_describe(param, None, group_index, param_index)} "
+                            + ("is a DTensor but the parameter is a plain tensor" if distributed.is_dtensor(value) else
+                               f"is a plain tensor but the parameter is a DTensor (placements {tuple(param.placements)})")
+                            + "; load distributed state with torch.distributed.checkpoint.state_dict."
+                            "set_optimizer_state_dict (or set_state_dict), which lays it out like the parameters"
+                        )
                     if not isinstance(value, Tensor) or tuple(value.shape) != shape:
                         found = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
                         raise ValueError(
@@ -656,15 +760,22 @@ class NDAdam(Optimizer):
             param, vector, unit_dim, _, _ = id_to_param[saved_id]
             state = self.state[param]
             dtype = state_dtype(param, vector)
-            if vector:
+            if vector and distributed.is_dtensor(param):
+                exp_avg, exp_avg_sq = distributed.new_vector_state(param, unit_dim, dtype)
+                state["exp_avg"] = exp_avg.copy_(saved_state["exp_avg"])
+                state["exp_avg_sq"] = exp_avg_sq.copy_(saved_state["exp_avg_sq"])
+            elif vector:
                 state["exp_avg"] = new_exp_avg(param, unit_dim, dtype).copy_(saved_state["exp_avg"])
             else:
                 state["exp_avg"] = saved_state["exp_avg"].to(device=param.device, dtype=dtype)
-            state["exp_avg_sq"] = saved_state["exp_avg_sq"].to(device=param.device, dtype=dtype)
+            if not (vector and distributed.is_dtensor(param)):
+                state["exp_avg_sq"] = saved_state["exp_avg_sq"].to(device=param.device, dtype=dtype)
             master = saved_state.get("master_param")
             if isinstance(master, Tensor):
                 # torch cast it to the param's dtype: the master copy is fp32 by definition.
-                if vector:
+                if vector and distributed.is_dtensor(param):
+                    state["master_param"] = distributed.new_vector_state(param, unit_dim, torch.float32)[0].copy_(master)
+                elif vector:
                     state["master_param"] = new_exp_avg(param, unit_dim, torch.float32).copy_(master)
                 else:
                     state["master_param"] = master.to(device=param.device, dtype=torch.float32)
@@ -738,7 +849,15 @@ def ndadam(
         hyper = hyperparameter_tensor(lr, beta1, beta2, eps, device)
     options = dict(hyper=hyper, beta1=beta1, beta2=beta2, eps=eps, grad_scale=grad_scale, found_inf=found_inf,
                    master_params=master_params, rounding_seeds=rounding_seeds)
-    if vector:
+    if not _PLAIN.issuperset(map(type, params)) and any(map(distributed.is_dtensor, params)):
+        # FSDP2 / tensor-parallel parameters: the kernels step their local pieces.
+        if vector:
+            distributed.vector_step(implementation, params, grads, exp_avgs, exp_avg_sqs, state_steps,
+                                    unit_dim=unit_dim, backend=backend, row_buffers=row_buffers, **options)
+        else:
+            distributed.scalar_step(implementation, params, grads, exp_avgs, exp_avg_sqs, state_steps,
+                                    weight_decay=weight_decay, **options)
+    elif vector:
         views = RowMajorViews(params, grads, exp_avgs, unit_dim, row_buffers, master_params)
         options["master_params"] = views.master_params
         implementation.vector_step(views.params, views.grads, views.exp_avgs, exp_avg_sqs, state_steps, **options)

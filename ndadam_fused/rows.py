@@ -10,7 +10,8 @@ convolutions (``[out, in, kh, kw]``), and 1 for a weight stored ``[in, out]``, s
 
 from __future__ import annotations
 
-from collections.abc import Iterable, MutableMapping
+import math
+from collections.abc import Iterable, MutableMapping, Sequence
 
 import torch
 from torch import Tensor
@@ -19,14 +20,17 @@ __all__ = ["normalize_rows_"]
 
 
 def unit_rows(tensor: Tensor, unit_dim: int = 0) -> Tensor:
-    """``tensor`` as ``[units, row_length]``: a view where the layout allows it, else a copy."""
-    return tensor.movedim(unit_dim, 0).reshape(tensor.shape[unit_dim], -1)
+    """``tensor`` as ``[units, row_length]``: a view where the layout allows it, else a copy.
+
+    The row length is spelled out rather than inferred, so that a tensor without elements (a
+    rank's shard with 0 rows, or with 0 columns of split rows) has rows too.
+    """
+    return tensor.movedim(unit_dim, 0).reshape(tensor.shape[unit_dim], row_length(tensor, unit_dim))
 
 
 def row_length(tensor: Tensor, unit_dim: int = 0) -> int:
-    """Elements per row (0 for a tensor without units)."""
-    units = tensor.shape[unit_dim]
-    return tensor.numel() // units if units else 0
+    """Elements per row: the product of the other dims' sizes."""
+    return math.prod(size for dim, size in enumerate(tensor.shape) if dim != unit_dim)
 
 
 def state_dtype(param: Tensor, vector: bool) -> torch.dtype:
@@ -70,27 +74,77 @@ def normalize_rows_(params: Iterable[Tensor] | Tensor, unit_dim: int = 0) -> Non
     Idempotent: rows whose norm is already 1 within rounding (:func:`unit_tolerance`) are left
     bit for bit as they are. Call it after loading weights into a model whose optimizer already
     exists (or use :meth:`ndadam_fused.NDAdam.normalize_rows_`, which knows each group's
-    ``unit_dim``). An all-zero row cannot be normalized: it raises and nothing is modified.
+    ``unit_dim``), after materializing a model built on the meta device, and on every rank
+    before building ``ZeroRedundancyOptimizer``. An all-zero row cannot be normalized: it raises
+    and nothing is modified.
+
+    DTensors (FSDP2, tensor parallelism) are normalized on each rank's local rows; rows split
+    across ranks use sums of squares all-reduced over the ranks that hold their pieces. The
+    all-zero-row verdict is agreed across ranks (one all-reduce of the counts per device mesh),
+    so all ranks raise together. Every rank must call it with the same tensors. Tensors on the
+    meta device are skipped: they hold no values yet.
     """
+    from . import distributed
+
     tensors = [params] if isinstance(params, Tensor) else list(params)
     for index, tensor in enumerate(tensors):
         if tensor.dim() < 2 and tensor.numel() > 0:
             raise ValueError(f"normalize_rows_: tensor {index} (shape {list(tensor.shape)}) has no rows to normalize")
+        if tensor.dim() >= 2 and not 0 <= unit_dim < tensor.dim():
+            raise ValueError(
+                f"normalize_rows_: unit_dim {unit_dim} is not a dim of tensor {index} (shape {list(tensor.shape)})"
+            )
+        if distributed.is_dtensor(tensor) and tensor.numel():
+            distributed.check_placements(tensor, True, unit_dim, f"normalize_rows_: tensor {index}")
+    for index, tensor in enumerate(tensors):
+        if distributed.is_dtensor(tensor) or tensor.is_meta:
+            continue
         count, first = zero_rows(tensor, unit_dim) if tensor.numel() else (0, -1)
         if count:
             raise ValueError(
                 f"normalize_rows_: tensor {index} (shape {list(tensor.shape)}) has an all-zero row "
                 f"({count} in all, the first is row {first}); a zero row cannot be normalized"
             )
+    indexed = [(i, t) for i, t in enumerate(tensors) if distributed.is_dtensor(t) and t.numel()]
+    dtensors = [t for _, t in indexed]
+    sums = distributed.row_sums_of_squares(dtensors, [unit_dim] * len(dtensors))
+    verdicts = distributed.agreed_zero_rows(dtensors, [unit_dim] * len(dtensors), sums) if dtensors else []
+    for (index, tensor), (count, first) in zip(indexed, verdicts):
+        if count:
+            where = f"its local row {first} on this rank" if first >= 0 else "none of them on this rank"
+            raise ValueError(
+                f"normalize_rows_: tensor {index} (shape {list(tensor.shape)}, a DTensor) has an all-zero row "
+                f"({count} in all, {where}); a zero row cannot be normalized"
+            )
+    _normalize_all_(tensors, unit_dim, dict(zip(map(id, dtensors), sums)))
+
+
+@torch.no_grad()
+def normalize_rows_unchecked_(tensors: Sequence[Tensor], unit_dim: int) -> None:
+    """:func:`normalize_rows_` for tensors already checked to have no all-zero row."""
+    from . import distributed
+
+    dtensors = [t for t in tensors if distributed.is_dtensor(t) and t.numel()]
+    sums = distributed.row_sums_of_squares(dtensors, [unit_dim] * len(dtensors))
+    _normalize_all_(tensors, unit_dim, dict(zip(map(id, dtensors), sums)))
+
+
+def _normalize_all_(tensors: Sequence[Tensor], unit_dim: int, dtensor_sums: dict[int, Tensor | None]) -> None:
+    from . import distributed
+
     for tensor in tensors:
-        _normalize_(tensor, unit_dim)
+        if distributed.is_dtensor(tensor):
+            if tensor.numel():
+                distributed.normalize_local_rows_(tensor, unit_dim, dtensor_sums[id(tensor)])
+        elif not tensor.is_meta:
+            _normalize_(tensor, unit_dim)
 
 
 def _normalize_(param: Tensor, unit_dim: int) -> None:
     if param.numel() == 0:
         return
     moved = param.movedim(unit_dim, 0)
-    rows = moved.reshape(moved.shape[0], -1)
+    rows = unit_rows(param, unit_dim)
     norms = rows.to(state_dtype(param, True)).norm(dim=1, keepdim=True)
     # Judged in fp64 so that the check itself adds no rounding of its own.
     already_unit = (rows.double().norm(dim=1, keepdim=True) - 1).abs() <= unit_tolerance(param.dtype, rows.shape[1])
@@ -107,8 +161,9 @@ class RowMajorViews:
     ``p.movedim(unit_dim, 0)`` already is (a contiguous Linear or conv weight with unit_dim 0),
     the kernels get the tensor itself. Otherwise (a channels_last conv weight; a ``[in, out]``
     weight with unit_dim 1) they step a contiguous work buffer that is copied in before and out
-    after. Buffers are kept in ``buffers`` (keyed by the param) so that their addresses stay the
-    same from step to step: the fused backends cache tables of addresses.
+    after. Buffers are kept in ``buffers``, keyed by the param (or by ``keys[i]``: the DTensor
+    whose local piece ``params[i]`` is), so that their addresses stay the same from step to
+    step: the fused backends cache tables of addresses.
     """
 
     def __init__(
@@ -119,6 +174,7 @@ class RowMajorViews:
         unit_dim: int,
         buffers: MutableMapping[Tensor, Tensor] | None,
         master_params: list[Tensor] | None = None,
+        keys: Sequence[Tensor] | None = None,
     ) -> None:
         self.write_back: list[tuple[Tensor, Tensor]] = []
         self.master_params = master_params
@@ -127,21 +183,24 @@ class RowMajorViews:
         ) and (master_params is None or all(m.is_contiguous() for m in master_params)):
             self.params, self.grads, self.exp_avgs = params, grads, exp_avgs
             return
-        self.params = [self._writable(p, unit_dim, buffers) for p in params]
+        keys = params if keys is None else keys
+        self.params = [self._writable(p, unit_dim, buffers, key) for p, key in zip(params, keys)]
         self.grads = [g.movedim(unit_dim, 0).contiguous() for g in grads]
-        self.exp_avgs = [self._writable(m, unit_dim, None) for m in exp_avgs]
+        self.exp_avgs = [self._writable(m, unit_dim, None, m) for m in exp_avgs]
         if master_params is not None:
-            self.master_params = [self._writable(m, unit_dim, None) for m in master_params]
+            self.master_params = [self._writable(m, unit_dim, None, m) for m in master_params]
 
-    def _writable(self, tensor: Tensor, unit_dim: int, buffers: MutableMapping[Tensor, Tensor] | None) -> Tensor:
+    def _writable(
+        self, tensor: Tensor, unit_dim: int, buffers: MutableMapping[Tensor, Tensor] | None, key: Tensor
+    ) -> Tensor:
         moved = tensor.movedim(unit_dim, 0)
         if moved.is_contiguous():
             return moved
-        work = buffers.get(tensor) if buffers is not None else None
+        work = buffers.get(key) if buffers is not None else None
         if work is None or work.shape != moved.shape or work.dtype != moved.dtype or work.device != moved.device:
             work = torch.empty(moved.shape, dtype=moved.dtype, device=moved.device)
             if buffers is not None:
-                buffers[tensor] = work
+                buffers[key] = work
         work.copy_(moved)
         self.write_back.append((moved, work))
         return work

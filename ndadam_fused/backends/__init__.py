@@ -5,6 +5,17 @@ One module per implementation, each with the same two functions:
 - ``vector_step(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps)``
 - ``scalar_step(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay)``
 
+and, where it implements the two-phase step for rows split across ranks (tensor parallelism,
+DESIGN.md section 6; :mod:`ndadam_fused.backends.row_statistics` documents the math and shapes),
+the two functions named in :data:`ROW_SPLIT_FUNCTIONS`:
+
+- ``row_statistics(params, grads, exp_avgs, statistics)``
+- ``apply_row_statistics(params, grads, exp_avgs, exp_avg_sqs, state_steps, statistics, *, lr, beta1, beta2, eps)``
+
+plus, optionally, ``row_split_unavailable_reason(device)`` (None, or why they cannot run on
+``device``). A backend asked for by name that lacks them raises an error naming what is
+missing when a parameter's rows are split (:func:`resolve_row_split`); nothing falls back.
+
 ``reference`` (:mod:`.reference`) is Algorithm 1 in plain PyTorch, one tensor at a time: the
 oracle every other backend is tested against.
 """
@@ -22,15 +33,20 @@ import torch
 __all__ = [
     "BACKEND_NAMES",
     "SlowBackendWarning",
+    "ROW_SPLIT_FUNCTIONS",
     "auto_backend",
     "available_backends",
     "check_name",
     "resolve",
+    "resolve_row_split",
+    "row_split_unavailable_reason",
     "unavailable_reason",
 ]
 
 #: Backends that can be asked for by name, fastest first (see auto_backend).
 BACKEND_NAMES = ("native", "triton", "reference")
+#: The functions of the two-phase step for rows split across ranks (see the module doc).
+ROW_SPLIT_FUNCTIONS = ("row_statistics", "apply_row_statistics")
 
 
 class SlowBackendWarning(UserWarning):
@@ -179,3 +195,47 @@ def auto_backend(device: torch.device | str) -> str:
         if unavailable_reason(name, device) is None:
             return name
     return "reference"
+
+
+def row_split_unavailable_reason(name: str, device: torch.device | str) -> str | None:
+    """None when backend ``name`` can run the rows-split step on ``device``, else what is missing."""
+    device = torch.device(device)
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        return reason
+    module = _module(name)
+    missing = [function for function in ROW_SPLIT_FUNCTIONS if not callable(getattr(module, function, None))]
+    if missing:
+        return (
+            f"the {name!r} backend module ({module.__name__}) does not define {', '.join(missing)}, the "
+            "two-phase step for rows split across ranks"
+        )
+    device_reason = getattr(module, "row_split_unavailable_reason", None)
+    return device_reason(device) if device_reason is not None else None
+
+
+def resolve_row_split(name: str, device: torch.device | str) -> ModuleType:
+    """The implementation module of the rows-split step (tensor-parallel rows) for ``name`` on ``device``.
+
+    A backend asked for by name that lacks it raises RuntimeError naming what is missing;
+    ``"auto"`` takes the fastest backend that has it on ``device`` (as it takes the fastest
+    available backend for any step).
+    """
+    device = torch.device(device)
+    if name == "auto":
+        for candidate in BACKEND_NAMES:
+            if candidate == "triton" and device.type != "cuda":
+                continue
+            if row_split_unavailable_reason(candidate, device) is None:
+                return _module(candidate)
+        name = "reference"
+    reason = row_split_unavailable_reason(name, device)
+    if reason is not None:
+        implemented = [n for n in BACKEND_NAMES if row_split_unavailable_reason(n, device) is None]
+        raise RuntimeError(
+            f"NDAdam backend {name!r} cannot step parameters whose rows are split across ranks (a DTensor "
+            f"with Shard(d) off the unit dim, e.g. RowwiseParallel) on {device}: {reason}. Backends that can: "
+            f"{', '.join(repr(n) for n in implemented)}; pass one of them (or 'auto') as backend= for the "
+            "param group of such parameters."
+        )
+    return _module(name)

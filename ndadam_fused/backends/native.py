@@ -173,3 +173,88 @@ def vector_step(
 
 #: θ^s of Algorithm 1: torch's fused Adam (CPU and CUDA) with L2 weight decay.
 scalar_step = functools.partial(adam_step, implementation="fused")
+
+
+# ---- The rows-split step (rows split across ranks; see ndadam_fused.backends.row_statistics) ----
+# Two ops, ndadam_fused::row_statistics_ and ndadam_fused::apply_row_statistics_, defined in
+# csrc/split_rows_op.cpp with their C++ CPU kernels in csrc/cpu/split_rows_cpu.cpp;
+# ndadam_fused.distributed runs the all-reduce between them.
+
+_ROW_SPLIT_OPS = ("ndadam_fused::row_statistics_", "ndadam_fused::apply_row_statistics_")
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def row_split_unavailable_reason(device: torch.device) -> str | None:
+    """None when the extension has kernels of the rows-split ops for ``device``, else which are missing."""
+    device = torch.device(device)
+    reason = unavailable_reason(device)
+    if reason is not None:
+        return reason
+    key = _DISPATCH_KEYS.get(device.type)
+    missing = [
+        op for op in _ROW_SPLIT_OPS
+        if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+    ]
+    if missing:
+        return f"ndadam_fused._C has no {device.type} kernel for {', '.join(missing)}"
+    return None
+
+
+def _dtype_runs(params: list[Tensor]) -> list[tuple[int, int, int]]:
+    """(start, end, rows) of each run of consecutive params of one (device, dtype): one op call each."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for index in range(1, len(params) + 1):
+        if index == len(params) or (params[index].device, params[index].dtype) != (params[start].device, params[start].dtype):
+            runs.append((start, index, sum(p.shape[0] for p in params[start:index])))
+            start = index
+    return runs
+
+
+def row_statistics(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], statistics: Tensor) -> None:
+    """Phase 1 of the rows-split step (see :mod:`ndadam_fused.backends.row_statistics`): one op
+    call per run of params of one dtype, each writing its rows of ``statistics`` ``[Σ rows, 6]``."""
+    offset = 0
+    for start, end, rows in _dtype_runs(params):
+        torch.ops.ndadam_fused.row_statistics_(
+            list(params[start:end]), [g.contiguous() for g in grads[start:end]], list(exp_avgs[start:end]),
+            statistics.narrow(0, offset, rows),
+        )
+        offset += rows
+
+
+def apply_row_statistics(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    statistics: Tensor,
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """Phase 2 of the rows-split step: steps incremented, rows updated from the reduced ``statistics``."""
+    device = statistics.device
+    lr_tensor = (lr.to(device, torch.float64) if isinstance(lr, Tensor) else torch.full((), lr, dtype=torch.float64, device=device)).reshape(())
+    offset = 0
+    for start, end, rows in _dtype_runs(params):
+        torch.ops.ndadam_fused.apply_row_statistics_(
+            list(params[start:end]), [g.contiguous() for g in grads[start:end]], list(exp_avgs[start:end]),
+            list(exp_avg_sqs[start:end]), list(state_steps[start:end]), statistics.narrow(0, offset, rows),
+            lr_tensor, beta1, beta2, eps,
+        )
+        offset += rows
+
+
+if _C is not None:
+    # Both ops only mutate their inputs in place: no outputs to describe.
+    @torch.library.register_fake("ndadam_fused::row_statistics_")
+    def _row_statistics_fake(params, grads, exp_avgs, statistics) -> None:
+        return None
+
+    @torch.library.register_fake("ndadam_fused::apply_row_statistics_")
+    def _apply_row_statistics_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, statistics, lr, beta1, beta2, eps) -> None:
+        return None

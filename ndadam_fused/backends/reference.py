@@ -11,6 +11,9 @@ This is the oracle the fused backends are tested against, written to be read nex
 
 The math runs in the state's dtype (fp32, or fp64), so bf16 and fp16 params are read up and
 rounded once when the new row is written back.
+
+For rows split across ranks (tensor parallelism) it exposes the two-phase step of
+:mod:`.row_statistics`, in plain PyTorch too.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import torch
 from torch import Tensor
 
 from ..rounding import stochastic_round_to_bfloat16
+from .row_statistics import apply_row_statistics, row_statistics
 from .scalars import adam_step
 
-__all__ = ["vector_step", "scalar_step"]
+__all__ = ["vector_step", "scalar_step", "row_statistics", "apply_row_statistics"]
 
 
 def vector_step(
