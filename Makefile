@@ -8,7 +8,7 @@ VENV      := .venv
 PY        := $(VENV)/bin/python
 TORCH     ?= torch==2.14.1
 CUDA_HOME ?= /usr/local/cuda-13.0
-CSRC      := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
+CSRC      := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh csrc/cuda/*.cu)
 EXTENSION := ndadam_fused/_C.abi3.so
 
 .PHONY: install extension cuda-compile cpp-test test demo experiment clean
@@ -30,11 +30,13 @@ $(EXTENSION): $(VENV)/.installed $(CSRC) setup.py
 
 extension: $(EXTENSION)
 
-# nvcc on the .cu files for sm_90, to object files: a CUDA compile error fails CI without a GPU.
+# nvcc on the .cu files for sm_90, to object files: a CUDA compile error, a register spill or a
+# PTX check (no flush to zero, round-to-nearest per-row scalars) fails CI without a GPU.
 cuda-compile: $(VENV)/.installed
 	CUDA_HOME=$(CUDA_HOME) $(PY) tools/compile_cuda.py --arch sm_90
 
-# The torch-free C++ unit test of the row math, through CMake and ctest.
+# The torch-free C++ tests, through CMake and ctest: the row math, and the CUDA kernel's device
+# code, plan and table cache run on the CPU by the SIMT emulation (about 10-30 s on 2 cores).
 cpp-test:
 	cmake -S . -B build/cpp-test -DNDADAM_BUILD_EXTENSION=OFF > /dev/null
 	cmake --build build/cpp-test

@@ -2,6 +2,7 @@
 
     python -m benchmarks.step [--device cpu|cuda] [--dtype float32] [--sets a,b] [--repeats N]
                               [--quick] [--out benchmarks/results] [--tag NAME]
+    python -m benchmarks.step --host-only [--sets many-small] [--repeats N]
 
 For every parameter set (benchmarks/param_sets.py) and every candidate it reports the median
 step time and its spread over repeats (warm-up excluded; CUDA timed with events, the L2 cache
@@ -10,6 +11,12 @@ of a plain copy's bandwidth measured in the same run, the speedup over each base
 the same run, the optimizer-state bytes against Adam's, and on CUDA the kernel launches per step
 (from the profiler). Results go to ``<out>/step_<device>[_<tag>].csv`` with the machine
 description on every row, and a plot ``<out>/step_<device>[_<tag>].png``.
+
+``--host-only`` measures what the Triton backend's host code costs per step, on the CPU and
+without a GPU: a whole ``NDAdam.step`` with the Triton kernel launch stubbed out (the optimizer's
+own work and the scalars' Adam included), in steady state, once with gradients updated in place
+and once with fresh gradient tensors at every step (as FSDP2 or ``zero_grad(set_to_none=True)``
+give), next to the native backend's whole step (its C++ kernel included) on the same tensors. Results go to ``<out>/step_cpu_host[_<tag>].csv``.
 """
 
 from __future__ import annotations
@@ -381,6 +388,91 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+HOST_CANDIDATES = ("ndadam-triton-host", "ndadam-triton-host-fresh-grads", "ndadam-native")
+
+
+def run_host_only(args: argparse.Namespace) -> list[dict]:
+    """Host time per step of the Triton backend (launch stubbed) against the native backend's
+    whole CPU step, on the same float32 tensors; medians over ``args.repeats`` steps, round robin."""
+    from unittest import mock
+
+    from ndadam_fused.backends import native, triton_backend
+
+    dtype = getattr(torch, args.dtype)
+    torch_version, triton_version = _versions()
+    machine = machine_description(torch.device("cpu"))
+    rows: list[dict] = []
+    for set_name in args.sets:
+        params = param_sets.build(set_name, "cpu", dtype)
+        vectors = [p for p in params if is_vector(p)]
+
+        def triton_host(fresh: bool):
+            # The whole NDAdam.step (optimizer, scalars, vector host code), the kernel stubbed out.
+            twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+            for twin, p in zip(twins, params):
+                twin.grad = p.grad.clone()
+            opt = NDAdam(twins, lr=1e-3, vector_lr=0.05, betas=(0.9, 0.99), backend="triton")
+
+            def step():
+                if fresh:
+                    for twin in twins:
+                        twin.grad = torch.randn_like(twin)
+                begin = time.perf_counter()
+                opt.step()
+                return time.perf_counter() - begin
+            return step
+
+        candidates = {"ndadam-triton-host": triton_host(False), "ndadam-triton-host-fresh-grads": triton_host(True)}
+        reason = nd_backends.unavailable_reason("native", "cpu")
+        if reason is None:
+            native_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+            for p, q in zip(native_params, params):
+                p.grad = q.grad
+            opt = NDAdam(native_params, lr=1e-3, vector_lr=0.05, betas=(0.9, 0.99), backend="native")
+            opt.step()
+
+            def native_step():
+                begin = time.perf_counter()
+                opt.step()
+                return time.perf_counter() - begin
+
+            candidates["ndadam-native"] = native_step
+        else:
+            print(f"  skip ndadam-native on {set_name}: {reason}", file=sys.stderr)
+        times: dict[str, list[float]] = {name: [] for name in candidates}
+        with mock.patch.object(triton_backend, "_launch", lambda part, grads_aligned: None):
+            for step in candidates.values():  # first steps: tables, lazy state
+                step()
+            builds = triton_backend.table_builds
+            for _ in range(args.repeats):
+                for name, step in candidates.items():
+                    times[name].append(step())
+            rebuilt = triton_backend.table_builds - builds
+        if rebuilt:
+            raise RuntimeError(f"the Triton backend rebuilt {rebuilt} tables in steady state")
+        for name, spent in times.items():
+            quantiles = statistics.quantiles(spent, n=10, method="inclusive") if len(spent) > 1 else [spent[0]] * 9
+            rows.append({
+                "set": set_name, "device": "cpu", "dtype": args.dtype, "candidate": name,
+                "tensors": len(params), "elements": sum(p.numel() for p in params),
+                "median_ms": statistics.median(spent) * 1e3, "p10_ms": quantiles[0] * 1e3, "p90_ms": quantiles[-1] * 1e3,
+                "repeats": len(spent), "threads": torch.get_num_threads(),
+                "machine": machine, "torch": torch_version, "triton": triton_version, "date": datetime.date.today().isoformat(),
+            })
+    return rows
+
+
+def print_host_table(rows: list[dict]) -> None:
+    print(f"{'set':<14}{'candidate':<34}{'tensors':>8}{'median ms':>11}{'p10-p90 ms':>17}{'x native':>10}")
+    for r in rows:
+        native_row = next((o for o in rows if o["set"] == r["set"] and o["candidate"] == "ndadam-native"), None)
+        ratio = f"{r['median_ms'] / native_row['median_ms']:.3f}" if native_row else "-"
+        spread = f"{r['p10_ms']:.3g}-{r['p90_ms']:.3g}"
+        print(f"{r['set']:<14}{r['candidate']:<34}{r['tensors']:>8}{r['median_ms']:>11.3f}{spread:>17}{ratio:>10}")
+    print("ndadam-triton-host*: the Triton backend's vector step, kernel launch stubbed out (host work only);"
+          " ndadam-native: the native backend's whole step (C++ kernel included) on all the set's tensors.")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -395,8 +487,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (default: torch's)")
+    parser.add_argument("--host-only", action="store_true",
+                        help="the Triton backend's host time per step (launch stubbed, CPU) next to the native backend's whole step")
     args = parser.parse_args(argv)
     on_gpu = args.device.startswith("cuda")
+    if args.host_only:
+        args.device = "cpu"  # the kernel launch is stubbed out: host work only, on the CPU
+        if args.sets is None:
+            args.sets = "many-small"
     if args.sets is None:
         if args.quick:
             args.sets = "many-small,wrn-16-4"
@@ -412,7 +510,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown candidates {sorted(unknown)}; choose from {', '.join(CANDIDATES)}")
     if args.repeats is None:
-        args.repeats = 3 if args.quick else (20 if on_gpu else 7)
+        args.repeats = 3 if args.quick else (50 if args.host_only else (20 if on_gpu else 7))
     if args.warmup is None:
         # Every candidate has taken one step to create its state: on CPU that is the warm-up.
         args.warmup = 3 if on_gpu else 0
@@ -423,6 +521,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.host_only:
+        rows = run_host_only(args)
+        path = args.out / f"step_cpu_host{'_' + args.tag if args.tag else ''}.csv"
+        write_csv(rows, path)
+        print_host_table(rows)
+        print(f"\n{rows[0]['machine']}; torch {rows[0]['torch']}, triton {rows[0]['triton']}; {rows[0]['date']}")
+        print(f"wrote {path}")
+        return 0
     rows = run(args)
     if not rows:
         print("nothing ran", file=sys.stderr)

@@ -12,8 +12,11 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <exception>
 #include <string>
+#include <vector>
 
+#include "cuda/ndadam_cuda_plan.h"
 #include "ndadam_op.h"
 #include "ndadam_row_math.h"
 
@@ -123,7 +126,101 @@ TORCH_LIBRARY(ndadam_fused, m) {
 }
 
 // ndadam_fused._C: importing it loads the registrations above. Its two constants say what the
-// build holds, for ndadam_fused.backends.native.unavailable_reason.
+// build holds, for ndadam_fused.backends.native.unavailable_reason. Its functions expose what
+// tests need to see of the CUDA kernel's host side: the lane counts of its launch plan (the
+// torch-free plan code, in every build) and, in a CUDA build, how many device tables it built.
+namespace {
+
+// cuda_plan_lanes(shapes, param_element_size, max_single_pass_row_length=-1) -> dict: the CUDA
+// kernel's plan for one launch over tensors of `shapes` ((rows, row_length) pairs), their
+// buffers aligned as the caching allocator aligns them: elements, thread slots (threads
+// launched x elements each could hold), blocks, and elements on the statistics path.
+PyObject* cuda_plan_lanes(PyObject* /*module*/, PyObject* args) {
+  PyObject* shapes = nullptr;
+  int param_size = 0;
+  long long max_single_pass_row_length = -1;
+  if (!PyArg_ParseTuple(args, "Oi|L", &shapes, &param_size, &max_single_pass_row_length)) {
+    return nullptr;
+  }
+  if (param_size != 2 && param_size != 4 && param_size != 8) {
+    PyErr_Format(PyExc_ValueError, "cuda_plan_lanes: param_element_size must be 2, 4 or 8, got %d", param_size);
+    return nullptr;
+  }
+  if (max_single_pass_row_length < -1) {
+    PyErr_Format(PyExc_ValueError, "cuda_plan_lanes: max_single_pass_row_length must be -1 or >= 0, got %lld",
+                 max_single_pass_row_length);
+    return nullptr;
+  }
+  const Py_ssize_t n = PySequence_Size(shapes);
+  if (n < 0) {
+    return nullptr;
+  }
+  std::vector<ndadam::cuda_plan::TensorArguments> tensors;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* shape = PySequence_GetItem(shapes, i);
+    if (shape == nullptr) {
+      return nullptr;
+    }
+    long long rows = -1, row_length = -1;
+    if (PySequence_Size(shape) == 2) {
+      PyObject* r = PySequence_GetItem(shape, 0);
+      PyObject* l = PySequence_GetItem(shape, 1);
+      rows = r != nullptr ? PyLong_AsLongLong(r) : -1;
+      row_length = l != nullptr ? PyLong_AsLongLong(l) : -1;
+      Py_XDECREF(r);
+      Py_XDECREF(l);
+    }
+    Py_DECREF(shape);
+    if (PyErr_Occurred() != nullptr || rows < 0 || row_length < 0) {
+      PyErr_Clear();
+      PyErr_Format(PyExc_ValueError, "cuda_plan_lanes: shapes[%zd] must be a (rows, row_length) pair of integers >= 0",
+                   i);
+      return nullptr;
+    }
+    // Each array of each tensor on its own 512-byte-aligned block, as the caching allocators give.
+    auto at = [&](uintptr_t array) { return reinterpret_cast<void*>(((uintptr_t(i) + 1) << 36) + (array << 32)); };
+    tensors.push_back({at(0), at(1), at(2), at(3), static_cast<float*>(at(4)), rows, row_length});
+  }
+  const int acc_size = param_size == 8 ? 8 : 4;
+  const int64_t limit = ndadam::resolve_single_pass_limit(max_single_pass_row_length);
+  try {
+    const ndadam::cuda_plan::LaunchPlan plan = ndadam::cuda_plan::make_launch_plan(tensors, param_size, acc_size, limit);
+    long long statistics_elements = 0;
+    for (int32_t i = 0; i < plan.tensors(); ++i) {
+      const auto& e = plan.entries()[i];
+      if (e.path == ndadam::cuda_plan::kStatisticsRows) {
+        statistics_elements += e.rows * e.row_length;
+      }
+    }
+    return Py_BuildValue("{s:L,s:L,s:L,s:L}", "elements", static_cast<long long>(plan.lanes.elements), "slots",
+                         static_cast<long long>(plan.lanes.slots), "blocks", static_cast<long long>(plan.blocks),
+                         "statistics_elements", statistics_elements);
+  } catch (const std::exception& error) {
+    PyErr_SetString(PyExc_ValueError, error.what());
+    return nullptr;
+  }
+}
+
+#if NDADAM_WITH_CUDA
+// cuda_table_builds() -> int: device tables the CUDA kernel has built in this process.
+PyObject* cuda_table_builds(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(static_cast<long long>(ndadam::cuda_table_builds()));
+}
+#endif
+
+PyMethodDef module_methods[] = {
+    {"cuda_plan_lanes", cuda_plan_lanes, METH_VARARGS,
+     "cuda_plan_lanes(shapes, param_element_size, max_single_pass_row_length=-1) -> dict of the CUDA kernel's "
+     "launch plan: elements, slots, blocks, statistics_elements"},
+#if NDADAM_WITH_CUDA
+    {"cuda_table_builds", cuda_table_builds, METH_NOARGS,
+     "cuda_table_builds() -> int: device tables the CUDA kernel has built in this process"},
+#endif
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
@@ -131,7 +228,7 @@ PyMODINIT_FUNC PyInit__C(void) {
       "_C",
       "ND-Adam kernels; the op is torch.ops.ndadam_fused.vector_step_",
       -1,
-      nullptr,
+      module_methods,
   };
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) {

@@ -18,6 +18,10 @@ void check_vector_step_arguments(at::TensorList params, at::TensorList grads, at
 // The cut-over the kernels use: the argument, or kSinglePassMaxRowLength when it is -1.
 int64_t resolve_single_pass_limit(int64_t max_single_pass_row_length);
 
+// Device tables the CUDA kernel has built and uploaded so far in this process (a build counter
+// for tests: steady-state steps build none). Defined in cuda/vector_step_cuda.cu.
+int64_t cuda_table_builds();
+
 // Rows of a vector tensor: p.reshape(p.shape[0], -1).
 inline int64_t row_count(const at::Tensor& param) { return param.size(0); }
 inline int64_t row_length(const at::Tensor& param) {

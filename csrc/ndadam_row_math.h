@@ -43,19 +43,27 @@ struct StepScalars {
 };
 
 // Bias corrections are taken in double whatever acc_t is: β^t for t in the thousands loses
-// digits in fp32, and this runs once per tensor (CPU) or per thread block (CUDA).
+// digits in fp32, and this runs once per tensor (CPU) or per warp (CUDA). The CUDA kernel takes
+// the two powers in two lanes at once and builds the scalars from them.
 template <typename acc_t>
-NDADAM_HOST_DEVICE StepScalars<acc_t> make_step_scalars(double lr, double beta1, double beta2, double eps,
-                                                        double step) {
+NDADAM_HOST_DEVICE StepScalars<acc_t> make_step_scalars_from_powers(double lr, double beta1, double beta2,
+                                                                    double eps, double beta1_power,
+                                                                    double beta2_power) {
   StepScalars<acc_t> k;
   k.beta1 = static_cast<acc_t>(beta1);
   k.one_minus_beta1 = static_cast<acc_t>(1.0 - beta1);
   k.beta2 = static_cast<acc_t>(beta2);
   k.one_minus_beta2 = static_cast<acc_t>(1.0 - beta2);
-  k.lr_over_bias_correction1 = static_cast<acc_t>(lr / (1.0 - pow(beta1, step)));
-  k.bias_correction2 = static_cast<acc_t>(1.0 - pow(beta2, step));
+  k.lr_over_bias_correction1 = static_cast<acc_t>(lr / (1.0 - beta1_power));
+  k.bias_correction2 = static_cast<acc_t>(1.0 - beta2_power);
   k.eps = static_cast<acc_t>(eps);
   return k;
+}
+
+template <typename acc_t>
+NDADAM_HOST_DEVICE StepScalars<acc_t> make_step_scalars(double lr, double beta1, double beta2, double eps,
+                                                        double step) {
+  return make_step_scalars_from_powers<acc_t>(lr, beta1, beta2, eps, pow(beta1, step), pow(beta2, step));
 }
 
 NDADAM_HOST_DEVICE float square_root(float x) { return sqrtf(x); }

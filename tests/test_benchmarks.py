@@ -44,26 +44,48 @@ def test_unknown_set_or_candidate_is_refused():
         step.parse_args(["--candidates", "sgd"])
 
 
-def _rows(device, candidate_values):
-    rows = []
-    for candidate, values in candidate_values.items():
-        rows.append({"set": "gpt2-medium" if device == "cuda" else "gpt2-small", "device": device, "candidate": candidate, **values})
-    return rows
+def _rows(device, per_set):
+    return [
+        {"set": set_name, "device": device, "candidate": candidate, **values}
+        for set_name, candidates in per_set.items()
+        for candidate, values in candidates.items()
+    ]
 
 
 def test_targets_are_judged_from_the_csv_rows():
     from benchmarks.check_targets import check
 
-    gpu = check(_rows("cuda", {
-        "ndadam-triton": {"copy_fraction": "0.9", "speedup_vs_adam-fused": "1.5", "median_ms": "2.0"},
-        "ndadam-native": {"copy_fraction": "0.8", "speedup_vs_adam-fused": "1.2", "median_ms": "2.2"},
+    good = {"copy_fraction": "0.9", "speedup_vs_adam-fused": "1.5", "median_ms": "2.0", "speedup_vs_ndadam-reference": "30"}
+    gpu = {name: met for name, met, _ in check(_rows("cuda", {
+        "gpt2-medium": {"ndadam-triton": good, "ndadam-native": {**good, "copy_fraction": "0.8", "speedup_vs_adam-fused": "1.2", "median_ms": "2.3"}},
+        "transformer-1.3b": {"ndadam-triton": good, "ndadam-native": {**good, "median_ms": "2.1"}},
+        "many-small": {"ndadam-triton": good, "ndadam-native": {**good, "speedup_vs_ndadam-reference": "12"}},
+    }))}
+    assert gpu["ndadam-triton on gpt2-medium: >= 85% of copy bandwidth"] is True
+    assert gpu["ndadam-triton on gpt2-medium: <= 0.8x Adam(fused=True) time"] is True
+    assert gpu["ndadam-native on gpt2-medium: >= 85% of copy bandwidth"] is False
+    assert gpu["ndadam-native on gpt2-medium: <= 0.8x Adam(fused=True) time"] is False
+    assert gpu["native and triton within 10% on gpt2-medium"] is False  # 2.3 / 2.0
+    assert gpu["native and triton within 10% on transformer-1.3b"] is True  # 2.1 / 2.0
+    assert gpu["ndadam-triton on many-small: >= 20x faster than the reference"] is True
+    assert gpu["ndadam-native on many-small: >= 20x faster than the reference"] is False
+    cpu = check(_rows("cpu", {
+        "gpt2-small": {"ndadam-native": {"speedup_vs_adam-fused": "1.4", "speedup_vs_ndadam-reference": "4"}},
+        "wrn-28-10": {"ndadam-native": {"speedup_vs_adam-fused": "1.3"}},
     }))
-    verdicts = {name: met for name, met, _ in gpu}
-    assert verdicts["ndadam-triton: >= 85% of copy bandwidth"] is True
-    assert verdicts["ndadam-triton: <= 0.8x Adam(fused=True) time"] is True
-    assert verdicts["ndadam-native: >= 85% of copy bandwidth"] is False
-    assert verdicts["ndadam-native: <= 0.8x Adam(fused=True) time"] is False
-    assert verdicts["native no slower than triton"] is False
-    cpu = check(_rows("cpu", {"ndadam-native": {"speedup_vs_adam-fused": "1.4", "speedup_vs_ndadam-reference": "4"}}))
-    assert [met for _, met, _ in cpu] == [True, False]
-    assert check(_rows("cpu", {"adam-fused": {}}))[0][1] is None
+    assert [met for _, met, _ in cpu] == [True, False, False]  # 0.71x, 0.77x, 4x
+    assert check(_rows("cpu", {"gpt2-small": {"adam-fused": {}}}))[0][1] is None
+
+
+def test_a_target_that_was_not_measured_fails_when_all_are_required(tmp_path, capsys):
+    from benchmarks.check_targets import main
+
+    path = tmp_path / "step_cuda.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["set", "device", "candidate", "copy_fraction", "speedup_vs_adam-fused", "median_ms"])
+        writer.writeheader()
+        writer.writerow({"set": "gpt2-medium", "device": "cuda", "candidate": "ndadam-native", "copy_fraction": "0.9",
+                         "speedup_vs_adam-fused": "1.5", "median_ms": "2"})
+    assert main([str(path)]) == 0
+    assert main([str(path), "--require-all"]) == 1
+    assert "NOT MEASURED" in capsys.readouterr().out

@@ -8,6 +8,7 @@ set NDADAM_NO_EXTENSION=1 to skip it knowingly.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import backend_cases
 from backend_cases import MANY_SMALL_SHAPES, SCALAR_SHAPES, SECTION_7_SHAPES
 from ndadam_fused import NDAdam, backends
 from ndadam_fused.backends import native
+from ndadam_fused.rows import unit_tolerance as _unit_tolerance
 
 if native._C is None:
     if os.environ.get("NDADAM_NO_EXTENSION") == "1":
@@ -27,7 +29,8 @@ if native._C is None:
     raise RuntimeError(f"the native tests need the extension: {native.unavailable_reason(torch.device('cpu'))}")
 
 CUDA_READY = torch.cuda.is_available() and bool(native._C.BUILT_WITH_CUDA)
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_READY, reason="needs a GPU and a CUDA build of ndadam_fused._C"))]
+NEEDS_CUDA = pytest.mark.skipif(not CUDA_READY, reason="needs a GPU and a CUDA build of ndadam_fused._C")
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 ALL_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 STEPS = 25
 LONGEST_EXACT_ROW = native._C.SINGLE_PASS_MAX_ROW_LENGTH
@@ -258,6 +261,229 @@ def test_channels_last_conv_weight_matches_reference(device):
     native_weight, reference_weight = make("native"), make("reference")
     assert native_weight.is_contiguous(memory_format=torch.channels_last)
     assert (native_weight - reference_weight).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("limit", [None, 0], ids=["exact", "statistics"])
+def test_rows_stay_within_the_unit_norm_tolerance_of_construction(device, dtype, limit, single_pass_limit):
+    """A stepped row must count as unit when the optimizer is rebuilt on it (optimizer._unit_tolerance),
+    or a resumed run would re-normalize it and stop being bit-exact."""
+    single_pass_limit(limit)
+    params, _ = backend_cases.run("native", SECTION_7_SHAPES, dtype, STEPS, device=device, vector_lrs=(0.05, 0.2))
+    for p in params:
+        rows = p.detach().reshape(p.shape[0], -1)
+        worst = (rows.double().norm(dim=1) - 1).abs().max().item()
+        assert worst <= _unit_tolerance(dtype, rows.shape[1]), (tuple(p.shape), worst)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("limit", [None, 0], ids=["exact", "statistics"])
+def test_eps_zero_and_subnormal_second_moment_take_the_reference_step(device, limit, single_pass_limit):
+    """eps = 0 and ||g||² about 1e-37 at step 1: v' is subnormal in fp32. The reference takes a
+    full step (Adam is scale-free); flushing subnormals to zero would make v̂ = 0 and no step."""
+    single_pass_limit(limit)
+    shapes = [(3, 64), (2, 1000)]
+    params = [torch.nn.Parameter(unit_rows(s, device=device, seed=i)) for i, s in enumerate(shapes)]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    start = [p.detach().clone() for p in params]
+    opt = NDAdam(params, lr=0.05, eps=0.0, backend="native")
+    ref_opt = NDAdam(reference, lr=0.05, eps=0.0, backend="reference")
+    generator = torch.Generator().manual_seed(0)
+    for p, q in zip(params, reference):
+        grad = (torch.randn(p.shape, generator=generator) * 4e-20).to(device)
+        p.grad, q.grad = grad.clone(), grad.clone()
+    opt.step()
+    ref_opt.step()
+    for p, q, p0 in zip(params, reference, start):
+        v = opt.state[p]["exp_avg_sq"]
+        assert ((v > 0) & (v < torch.finfo(torch.float32).tiny)).all(), "the test's v' is not subnormal"
+        assert (q.detach() - p0).abs().max() > 1e-3, "the reference did not step"
+        assert (p.detach() - q.detach()).abs().max() < 1e-5
+
+
+def _flat_views(shape, offset, device, dtype=torch.float32):
+    """A tensor of `shape` viewing a flat buffer from element `offset`, and that buffer."""
+    buffer = torch.zeros(offset + math.prod(shape) + 64, dtype=dtype, device=device)
+    return buffer[offset:offset + math.prod(shape)].view(shape), buffer
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_addresses_with_a_new_shape_step_the_new_rows(device):
+    """The same buffers stepped as 4 x 256 and then as 16 x 64 (one tensor reused with another
+    shape): a table keyed without the shapes would step the second call with the first's rows."""
+    param_buffer = torch.zeros(1024, device=device)
+    grad_buffer = torch.zeros(1024, device=device)
+    m_buffer = torch.zeros(1024, device=device)
+    v_buffer = torch.zeros(16, device=device)
+    step = torch.zeros((), device=device)
+    lr = torch.tensor(0.05, dtype=torch.float64, device=device)
+    for rows, length in [(4, 256), (16, 64), (4, 256)]:
+        w = param_buffer.view(rows, length)
+        w.copy_(unit_rows((rows, length), device=device, seed=rows))
+        grad_buffer.copy_(torch.randn(1024, generator=torch.Generator().manual_seed(length)).to(device))
+        m_buffer.zero_()
+        v_buffer.zero_()
+        step.zero_()
+        expected = w.clone()
+        reference = torch.nn.Parameter(expected)
+        ref_opt = NDAdam([reference], lr=0.05, betas=(0.9, 0.999), eps=1e-8, backend="reference")
+        reference.grad = grad_buffer.view(rows, length).clone()
+        ref_opt.step()
+        OP([w], [grad_buffer.view(rows, length)], [m_buffer.view(rows, length)], [v_buffer[:rows]], [step], lr,
+           0.9, 0.999, 1e-8)
+        assert (w - reference.detach()).abs().max() < 1e-5, (rows, length)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [1, 2, 3])
+def test_views_off_the_access_width_step_correctly(device, offset):
+    """Params, grads and moments viewing flat buffers `offset` elements in (4 * offset bytes off
+    a 16-byte boundary): the kernel must not use 16-byte accesses on them (on a GPU they fault or
+    read the wrong elements)."""
+    shapes = [(3, 64), (2, 1000), (5, 8)]
+    params, grads, exp_avgs, exp_avg_sqs, steps, lr = op_arguments(shapes, device=device)
+    views = []
+    for tensors in (params, grads, exp_avgs):
+        moved = []
+        for t in tensors:
+            view, _ = _flat_views(tuple(t.shape), offset, device)
+            view.copy_(t)
+            moved.append(view)
+        views.append(moved)
+    assert all(v.data_ptr() % 16 != 0 for v in views[0])
+    expected = [p.clone() for p in params]
+    view_exp_avg_sqs = [v.clone() for v in exp_avg_sqs]
+    OP(params, grads, exp_avgs, exp_avg_sqs, [s.clone() for s in steps], lr, 0.9, 0.99, 1e-8)
+    OP(views[0], views[1], views[2], view_exp_avg_sqs, steps, lr, 0.9, 0.99, 1e-8)
+    for aligned, view, start in zip(params, views[0], expected):
+        assert not torch.equal(aligned, start)
+        assert (aligned - view).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lr_schedule_with_gradients_updated_in_place_follows_the_schedule(device):
+    """An lr scheduler changes the group's lr every step while the gradients are written in place
+    (same tensors, same tables): every step must use that step's lr, as the reference does."""
+    shapes = [(6, 40), (3, 100)]
+
+    def train(backend):
+        params = [torch.nn.Parameter(unit_rows(s, device=device, seed=i)) for i, s in enumerate(shapes)]
+        opt = NDAdam(params, lr=0.1, backend=backend)
+        schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.3)
+        generator = torch.Generator().manual_seed(3)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        for _ in range(6):
+            for p in params:
+                p.grad.copy_(torch.randn(p.shape, generator=generator).to(device))
+            opt.step()
+            schedule.step()
+        return params
+
+    for p, q in zip(train("native"), train("reference")):
+        assert (p.detach() - q.detach()).abs().max() < 1e-5
+
+
+def _mlp(seed, device="cuda"):
+    """A small MLP whose weights are all vectors (no biases: scalars step through torch's Adam)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(48, 40, bias=False), torch.nn.Tanh(), torch.nn.Linear(40, 24, bias=False), torch.nn.Tanh(),
+        torch.nn.Linear(24, 10, bias=False),
+    ).to(device)
+
+
+def _train_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+@NEEDS_CUDA
+def test_cuda_fresh_gradients_build_no_table_and_never_synchronize():
+    """Steady state with fresh gradient tensors every step (zero_grad(set_to_none=True), FSDP2):
+    no device table is built, and opt.step() makes no synchronizing call (sync debug mode)."""
+    model = _mlp(0)
+    params = list(model.parameters())
+    opt = NDAdam([{"params": params[:2], "lr": 0.05, "vector": True}, {"params": params[2:], "lr": 0.2, "vector": True}],
+                 backend="native")
+    x, y = torch.randn(32, 48, device="cuda"), torch.randn(32, 10, device="cuda")
+    kept = []  # the old gradients stay alive, so every step's gradients are at new addresses
+    for _ in range(2):
+        _train_step(model, opt, x, y)
+        kept.append([p.grad for p in params])
+    builds = native._C.cuda_table_builds()
+    for _ in range(4):
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        kept.append([p.grad for p in params])
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    addresses = [tuple(g.data_ptr() for g in grads) for grads in kept]
+    assert len(set(addresses)) == len(addresses), "the test meant fresh gradient addresses every step"
+    assert native._C.cuda_table_builds() == builds
+    torch.cuda.synchronize()
+    for p in params:
+        assert (p.detach().norm(dim=1) - 1).abs().max() < 1e-5
+
+
+@NEEDS_CUDA
+def test_cuda_graph_replays_match_eager_steps_after_cache_churn():
+    """The torch.cuda.graph recipe: warm up on a side stream, zero_grad(set_to_none=True), capture
+    forward, backward and opt.step(). Between replays: more eager steps with distinct tables than
+    the table cache keeps, and memory allocated and filled with NaN. Every replay must equal the
+    same step taken eagerly (two groups with different lr: the captured lr must be each group's)."""
+
+    def make():
+        model = _mlp(0)
+        params = list(model.parameters())
+        groups = [{"params": params[::2], "lr": 0.05, "vector": True}, {"params": params[1::2], "lr": 0.2, "vector": True}]
+        return model, NDAdam(groups, backend="native")
+
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    data = [(torch.randn(32, 48, device="cuda", generator=generator), torch.randn(32, 10, device="cuda", generator=generator))
+            for _ in range(7)]
+    graph_model, graph_opt = make()
+    eager_model, eager_opt = make()
+    static_x, static_y = data[0][0].clone(), data[0][1].clone()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, y in data[:3]:
+            _train_step(graph_model, graph_opt, x, y)
+    torch.cuda.current_stream().wait_stream(side)
+    for x, y in data[:3]:
+        _train_step(eager_model, eager_opt, x, y)
+
+    graph = torch.cuda.CUDAGraph()
+    graph_opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        torch.nn.functional.mse_loss(graph_model(static_x), static_y).backward()
+        graph_opt.step()
+
+    for x, y in data[3:]:
+        for k in range(20):  # the cache keeps 16 eager tables
+            p = torch.nn.Parameter(torch.randn(3 + k, 7, device="cuda"))
+            other = NDAdam([p], backend="native")
+            p.grad = torch.randn_like(p)
+            other.step()
+        junk = [torch.full((1 << 18,), float("nan"), device="cuda") for _ in range(16)]
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        _train_step(eager_model, eager_opt, x, y)
+        del junk
+        torch.cuda.synchronize()
+        for a, b in zip(graph_model.parameters(), eager_model.parameters()):
+            assert torch.isfinite(a).all()
+            assert (a - b).abs().max() < 1e-6
+        for a, b in zip(graph_model.parameters(), eager_model.parameters()):
+            assert graph_opt.state[a]["step"].item() == eager_opt.state[b]["step"].item()
 
 
 # ---- The op: schema, fake implementation, torch.compile ------------------------------------
