@@ -65,67 +65,65 @@ NDADAM_ALWAYS_INLINE void prefetch_block(const T* data, int64_t start, int64_t e
   }
 }
 
-// The exact form, for rows that stay in cache while they are swept: four sweeps over the row,
+// The exact form, for rows that stay in cache while they are swept: three sweeps over the row,
 // but only the first touch of w, ḡ and m reaches memory, so the traffic is 20 bytes per fp32
 // element (read w, ḡ, m; write w, m).
-//   1. a = ḡ·w
-//   2. g = ḡ - a w (never stored); ||g||²; m' = β1 m + (1-β1) g, stored
-//   3. ||w̄||² with w̄ = w - s m' (recomputed rather than stored: it is in cache)
-//   4. w' = w̄ / ||w̄|| (w' = w where the update is exactly zero: row_scale)
-// Sweeps 2, 3 and 4 read this row from cache, so each prefetches one array of the next row
-// (w, ḡ, m: one array per sweep, so that the prefetches never queue up behind each other): the
-// memory system works on row r+1 while the core finishes row r. Measured on one core of a Xeon
-// (Sapphire Rapids), AVX2, fp32: rows of 768, 0.81 -> 0.96 G elements/s; rows of 3072, 0.84 -> 0.89.
+//   1. a = ḡ·w and c = w·w
+//   2. g = ḡ - a w (explicit, never stored); ||g||²; m' = β1 m + (1-β1) g, stored; w·m', ||m'||²
+//   3. w' = (w - s m') / ||w̄|| with ||w̄||² = c - 2s (w·m') + s² ||m'||² (w' = w where the
+//      update is exactly zero: row_scale)
+// g is explicit, so ||g||² has no cancellation (the statistics form's b - 2a² + a²c has, when ḡ is
+// nearly radial); ||w̄||² from w·m' and ||m'||² is a sum of a unit c and small terms. Sweeps 2 and
+// 3 read this row from cache, so they prefetch the next row (w and ḡ in sweep 2, m in sweep 3):
+// the memory system works on row r+1 while the core finishes row r.
 template <typename param_t, typename acc_t>
 NDADAM_ALWAYS_INLINE void exact_row_step(param_t* __restrict__ w, const param_t* __restrict__ grad,
                                          acc_t* __restrict__ m, acc_t* __restrict__ v, int64_t row_length,
                                          const StepScalars<acc_t>& k, const NextRow<param_t, acc_t>& next = {}) {
   acc_t grad_dot_w = 0;
+  acc_t w_dot_w = 0;
   for (int64_t start = 0; start < row_length; start += kSumBlock) {
     const int64_t end = std::min(start + kSumBlock, row_length);
-    acc_t partial = 0;
-#pragma omp simd reduction(+ : partial)
+    acc_t gw = 0, ww = 0;
+#pragma omp simd reduction(+ : gw, ww)
     for (int64_t i = start; i < end; ++i) {
-      partial += load<param_t, acc_t>(grad, i) * load<param_t, acc_t>(w, i);
+      const acc_t wi = load<param_t, acc_t>(w, i);
+      gw += load<param_t, acc_t>(grad, i) * wi;
+      ww += wi * wi;
     }
-    grad_dot_w += partial;
+    grad_dot_w += gw;
+    w_dot_w += ww;
   }
 
   acc_t grad_sq_norm = 0;
   acc_t m_new_abs_sum = 0;  // Σ|m'|: 0 exactly when the update is (see row_scale)
+  acc_t w_dot_m_new = 0;
+  acc_t m_new_sq_norm = 0;
   for (int64_t start = 0; start < row_length; start += kSumBlock) {
     const int64_t end = std::min(start + kSumBlock, row_length);
     prefetch_block(next.w, start, end, row_length);
-    acc_t partial = 0;
-    acc_t abs_partial = 0;
-#pragma omp simd reduction(+ : partial, abs_partial)
+    prefetch_block(next.grad, start, end, row_length);
+    acc_t gg = 0, m_abs = 0, wm = 0, mm = 0;
+#pragma omp simd reduction(+ : gg, m_abs, wm, mm)
     for (int64_t i = start; i < end; ++i) {
-      const acc_t g = projected_gradient(load<param_t, acc_t>(grad, i), load<param_t, acc_t>(w, i), grad_dot_w);
-      partial += g * g;
+      const acc_t wi = load<param_t, acc_t>(w, i);
+      const acc_t g = projected_gradient(load<param_t, acc_t>(grad, i), wi, grad_dot_w);
+      gg += g * g;
       const acc_t m_new = first_moment_update(m[i], g, k);
-      abs_partial += m_new < acc_t(0) ? -m_new : m_new;
+      m_abs += m_new < acc_t(0) ? -m_new : m_new;
+      wm += wi * m_new;
+      mm += m_new * m_new;
       m[i] = m_new;
     }
-    grad_sq_norm += partial;
-    m_new_abs_sum += abs_partial;
+    grad_sq_norm += gg;
+    m_new_abs_sum += m_abs;
+    w_dot_m_new += wm;
+    m_new_sq_norm += mm;
   }
 
   const acc_t v_new = second_moment_update(*v, grad_sq_norm, k);
   const acc_t s = step_size(v_new, k);
-
-  acc_t w_bar_sq_norm = 0;
-  for (int64_t start = 0; start < row_length; start += kSumBlock) {
-    const int64_t end = std::min(start + kSumBlock, row_length);
-    prefetch_block(next.grad, start, end, row_length);
-    acc_t partial = 0;
-#pragma omp simd reduction(+ : partial)
-    for (int64_t i = start; i < end; ++i) {
-      const acc_t w_bar = unnormalized_weight(load<param_t, acc_t>(w, i), m[i], s);
-      partial += w_bar * w_bar;
-    }
-    w_bar_sq_norm += partial;
-  }
-
+  const acc_t w_bar_sq_norm = w_dot_w - acc_t(2) * s * w_dot_m_new + s * s * m_new_sq_norm;
   const acc_t scale = row_scale(w_bar_sq_norm, m_new_abs_sum, k);
   for (int64_t start = 0; start < row_length; start += kSumBlock) {
     const int64_t end = std::min(start + kSumBlock, row_length);
