@@ -149,10 +149,16 @@ MIN_REPEATS = 3
 
 
 class _Timer:
-    """Times single steps: CUDA events with the L2 cache flushed first, or the CPU clock."""
+    """Times single steps: CUDA events with the L2 cache flushed first, or the CPU clock.
+
+    On CUDA it also takes the host's time to issue the step (the clock around the call, which
+    returns once the work is queued): a step whose host time exceeds its device time leaves the
+    GPU waiting.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.host_times: dict[str, list[float]] = {}
         if device.type == "cuda":
             # Larger than any L2 cache: each step starts with its tensors in HBM, as in training.
             self.flush = torch.empty(512 * 2**20, dtype=torch.uint8, device=device)
@@ -163,7 +169,9 @@ class _Timer:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self.flush.zero_()
             start.record()
+            begin = time.perf_counter()
             step()
+            self.host_times.setdefault(name, []).append(time.perf_counter() - begin)
             end.record()
             self.pending.append((name, start, end))
         else:
@@ -180,8 +188,9 @@ class _Timer:
 
 
 def time_round_robin(candidates: list[Candidate], device: torch.device, repeats: int, warmup: int,
-                     budget_s: float = math.inf) -> dict[str, list[float]]:
-    """Seconds per step for each candidate, one step of each per round, after ``warmup`` rounds.
+                     budget_s: float = math.inf) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds per step for each candidate, one step of each per round, after ``warmup`` rounds,
+    and (CUDA) the host's seconds to issue each step.
 
     Round robin, so that a machine that is busy with other work slows every candidate alike.
     A candidate stops repeating once it has spent ``budget_s`` (after MIN_REPEATS steps), so
@@ -199,7 +208,7 @@ def time_round_robin(candidates: list[Candidate], device: torch.device, repeats:
                 continue
             timer.time(candidate.name, candidate.step, times)
         timer.collect(times)
-    return times
+    return times, timer.host_times
 
 
 def count_launches(step: Callable[[], None], device: torch.device) -> int | None:
@@ -269,10 +278,13 @@ def run(args: argparse.Namespace) -> list[dict]:
                     candidates.append(candidate)
             if hasattr(progress, "set_postfix_str"):
                 progress.set_postfix_str(f"{set_name}: timing {', '.join(c.name for c in candidates)}")
-            times = time_round_robin(candidates, device, args.repeats, args.warmup, args.budget_s)
+            times, host_times = time_round_robin(candidates, device, args.repeats, args.warmup, args.budget_s)
             for candidate in candidates:
                 launches = count_launches(candidate.step, device)
-                rows.append(_row(set_name, candidate, times[candidate.name], launches, params, args, device.type))
+                row = _row(set_name, candidate, times[candidate.name], launches, params, args, device.type)
+                if candidate.name in host_times:
+                    row["host_ms"] = statistics.median(host_times[candidate.name]) * 1e3
+                rows.append(row)
             del candidates, candidate
             gc.collect()
         del params
@@ -313,7 +325,7 @@ def _add_ratios(rows: list[dict]) -> None:
 
 
 COLUMNS = [
-    "set", "device", "dtype", "candidate", "tensors", "elements", "median_ms", "p10_ms", "p90_ms", "repeats", "threads",
+    "set", "device", "dtype", "candidate", "tensors", "elements", "median_ms", "p10_ms", "p90_ms", "host_ms", "repeats", "threads",
     "bytes_per_step", "gb_per_s", "copy_fraction", *(f"speedup_vs_{b}" for b in BASELINES),
     "state_bytes", "state_vs_adam", "launches_per_step", "machine", "torch", "triton", "date",
 ]
@@ -336,7 +348,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def print_table(rows: list[dict]) -> None:
     header = f"{'set':<17}{'candidate':<26}{'median ms':>11}{'p10-p90 ms':>19}{'GB/s':>9}{'of copy':>9}" \
-             f"{'x ref':>8}{'x unfused':>10}{'x Adam fe':>10}{'x Adam fu':>10}{'state/Adam':>11}{'launches':>9}"
+             f"{'x ref':>8}{'x unfused':>10}{'x Adam fe':>10}{'x Adam fu':>10}{'state/Adam':>11}{'launches':>9}" \
+             f"{'host ms':>9}"
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -350,6 +363,7 @@ def print_table(rows: list[dict]) -> None:
             f"{ratio('copy_fraction'):>9}{ratio('speedup_vs_ndadam-reference'):>8}{ratio('speedup_vs_unfused'):>10}"
             f"{ratio('speedup_vs_adam-foreach'):>10}{ratio('speedup_vs_adam-fused'):>10}"
             f"{ratio('state_vs_adam'):>11}{str(r['launches_per_step']) or '-':>9}"
+            f"{(format(r['host_ms'], '.3f') if 'host_ms' in r else '-'):>9}"
         )
 
 
