@@ -89,3 +89,15 @@ def test_a_target_that_was_not_measured_fails_when_all_are_required(tmp_path, ca
     assert main([str(path)]) == 0
     assert main([str(path), "--require-all"]) == 1
     assert "NOT MEASURED" in capsys.readouterr().out
+
+
+def test_repeated_runs_report_the_median_ratio_and_its_range():
+    from benchmarks.repeat_runs import summarize
+
+    def run(native, adam):
+        return [{"set": "s", "candidate": "ndadam-native", "median_ms": str(native)},
+                {"set": "s", "candidate": "adam-fused", "median_ms": str(adam)}]
+
+    (row,) = summarize([run(7, 10), run(9, 10), run(6, 10), run(8, 10), run(20, 10)], "ndadam-native", "adam-fused")
+    assert row["runs"] == 5 and row["median_ratio"] == pytest.approx(0.8)
+    assert (row["min_ratio"], row["max_ratio"]) == (pytest.approx(0.6), pytest.approx(2.0))
