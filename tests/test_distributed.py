@@ -316,6 +316,10 @@ def _problem(dtype, seed=0):
     return params, grads, exp_avgs, exp_avg_sqs, steps
 
 
+def _hyper(lr, beta1=0.9, beta2=0.99, eps=1e-8):
+    return hyperparameter_tensor(lr, beta1, beta2, eps, torch.device("cpu"))
+
+
 def _columns(tensor, pieces):
     """``tensor`` cut along dim 1 as torch.chunk cuts a Shard(1) DTensor (a piece may be empty)."""
     size = tensor.shape[1]
@@ -348,7 +352,7 @@ def test_rows_split_ops_equal_the_one_process_step(implementation, dtype, pieces
         piece_steps = [s.clone() for s in steps]
         implementation.apply_row_statistics(
             [p[k] for p in param_pieces], [g[k] for g in grad_pieces], [m[k] for m in exp_avg_pieces],
-            piece_sqs, piece_steps, summed, lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8,
+            piece_sqs, piece_steps, summed, hyper=_hyper(0.05), beta1=0.9, beta2=0.99, eps=1e-8,
         )
         if k == 0:
             result_sqs, result_steps = piece_sqs, piece_steps
@@ -379,7 +383,7 @@ def test_rows_split_zero_update_keeps_every_bit(implementation, case):
     implementation.row_statistics(params, grads, exp_avgs, statistics)
     implementation.apply_row_statistics(
         params, grads, exp_avgs, exp_avg_sqs, steps, statistics,
-        lr=0.0 if case == "lr-0" else 0.1, beta1=0.9, beta2=0.99, eps=1e-8,
+        hyper=_hyper(0.0 if case == "lr-0" else 0.1), beta1=0.9, beta2=0.99, eps=1e-8,
     )
     assert sum(int((a != b).sum()) for a, b in zip(before, params)) == 0
 
