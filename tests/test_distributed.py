@@ -393,12 +393,11 @@ def test_rows_split_zero_update_keeps_every_bit(implementation, case):
 def test_native_rows_split_opcheck(dtype):
     params, grads, exp_avgs, exp_avg_sqs, steps = _problem(dtype)
     statistics = torch.empty(sum(p.shape[0] for p in params), 6, dtype=exp_avgs[0].dtype)
-    torch.library.opcheck(torch.ops.ndadam_fused.row_statistics_.default, (params, grads, exp_avgs, statistics))
+    torch.library.opcheck(torch.ops.ndadam_fused.row_statistics_.default, (params, grads, exp_avgs, statistics, None, []))
     reduced = statistics.clone()
-    lr = torch.tensor(0.05, dtype=torch.float64)
     torch.library.opcheck(
         torch.ops.ndadam_fused.apply_row_statistics_.default,
-        (params, grads, exp_avgs, exp_avg_sqs, steps, reduced, lr, 0.9, 0.99, 1e-8),
+        (params, grads, exp_avgs, exp_avg_sqs, steps, reduced, _hyper(0.05), None, None, [], []),
     )
 
 
@@ -407,17 +406,18 @@ def test_native_rows_split_ops_name_a_bad_argument_and_change_nothing():
     params, grads, exp_avgs, exp_avg_sqs, steps = _problem(torch.float32)
     before = [t.clone() for t in params + exp_avgs + exp_avg_sqs + steps]
     rows = sum(p.shape[0] for p in params)
-    lr = torch.tensor(0.05, dtype=torch.float64)
+    hyper = _hyper(0.05)
     with pytest.raises(RuntimeError, match=r"statistics is a Float tensor of shape \[3, 6\].*expected a contiguous tensor of shape \[14, 6\]"):
-        torch.ops.ndadam_fused.row_statistics_(params, grads, exp_avgs, torch.empty(3, 6))
+        torch.ops.ndadam_fused.row_statistics_(params, grads, exp_avgs, torch.empty(3, 6), None, [])
     with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[1\] is a Float tensor of shape \[2\]"):
         torch.ops.ndadam_fused.apply_row_statistics_(
             params, grads, exp_avgs, [exp_avg_sqs[0], torch.zeros(2)] + exp_avg_sqs[2:], steps,
-            torch.ones(rows, 6), lr, 0.9, 0.99, 1e-8,
+            torch.ones(rows, 6), hyper, None, None, [], [],
         )
     with pytest.raises(RuntimeError, match=r"statistics is Double; the state dtype of Float params is float32"):
         torch.ops.ndadam_fused.apply_row_statistics_(
-            params, grads, exp_avgs, exp_avg_sqs, steps, torch.ones(rows, 6, dtype=torch.float64), lr, 0.9, 0.99, 1e-8
+            params, grads, exp_avgs, exp_avg_sqs, steps, torch.ones(rows, 6, dtype=torch.float64), hyper, None, None,
+            [], [],
         )
     assert all(torch.equal(a, b) for a, b in zip(before, params + exp_avgs + exp_avg_sqs + steps))
 
