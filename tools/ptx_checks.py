@@ -42,12 +42,23 @@ class KernelResources:
     is_entry: bool = False
 
 
+#: The kernels' RowWrite template argument (csrc/ndadam_row_math.h), by its value.
+ROW_WRITES = {"0": "RowWrite::kParam", "1": "RowWrite::kMasterAndParam", "2": "RowWrite::kStochasticParam"}
+
+
 def readable_kernel_name(mangled: str) -> str:
-    """vector_step_kernel<param, acc> from its mangled name (the dtypes this project instantiates)."""
+    """``<kernel><param, acc[, RowWrite]>`` from a mangled name (the kernels and dtypes this project
+    instantiates), e.g. vector_step_kernel<c10::BFloat16, float, RowWrite::kMasterAndParam>."""
     types = {"f": "float", "d": "double", "N3c108BFloat16E": "c10::BFloat16", "N3c104HalfE": "c10::Half"}
-    match = re.search(r"vector_step_kernelI(N3c108BFloat16E|N3c104HalfE|f|d)(f|d)E", mangled)
+    match = re.search(
+        r"(vector_step_kernel|row_statistics_kernel|apply_row_statistics_kernel)"
+        r"I(N3c108BFloat16E|N3c104HalfE|f|d)(f|d)(?:LNS_8RowWriteE(\d)E)?E", mangled
+    )
     if match:
-        return f"vector_step_kernel<{types[match.group(1)]}, {types[match.group(2)]}>"
+        arguments = [types[match.group(2)], types[match.group(3)]]
+        if match.group(4) is not None:
+            arguments.append(ROW_WRITES.get(match.group(4), f"RowWrite({match.group(4)})"))
+        return f"{match.group(1)}<{', '.join(arguments)}>"
     return mangled
 
 
@@ -249,7 +260,7 @@ def access_width_problems(ptx: str) -> list[str]:
     problems = []
     for kernel in kernels:
         name = readable_kernel_name(kernel)
-        param = re.search(r"<(.*),", name)
+        param = re.search(r"<([^,]*),", name)
         wide = _WIDE_PARAM_ACCESS.get(param.group(1) if param else "", None)
         body = [i.text for i in instructions if i.function == kernel]
         if not any(re.match(r"cp\.async\.cg\.shared\.global\s+\[[^]]+\],\s*\[[^]]+\],\s*16\b", t) for t in body):

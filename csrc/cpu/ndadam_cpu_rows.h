@@ -54,12 +54,11 @@ struct Gradient {
   }
 };
 
-// Where a row's new values go (the last sweep of either path calls it once per element):
-//  - kParam: w' into the param (rounded to nearest in its dtype);
-//  - kMasterAndParam: w' into the fp32 master copy, and rounded to nearest into the param;
-//  - kStochasticParam: w' rounded stochastically into a bf16 param (ndadam_rounding.h), the
-//    random bits drawn for element `first_index + i` of the tensor with this step's `key`.
-enum class RowWrite { kParam, kMasterAndParam, kStochasticParam };
+using ndadam::RowWrite;
+
+// Where a row's new values go (the last sweep of either path calls it once per element), as
+// kWrite says (ndadam_row_math.h); for kStochasticParam the random bits are drawn for element
+// `first_index + i` of the tensor with this step's `key`.
 
 template <typename param_t, typename acc_t, RowWrite kWrite>
 struct RowWriter {

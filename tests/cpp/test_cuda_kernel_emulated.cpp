@@ -287,16 +287,23 @@ struct Hyper {
   double eps = 1e-8;
 };
 
+// GradScaler's tensors as the kernel reads them (null: none).
+struct Scaler {
+  const float* grad_scale = nullptr;
+  const float* found_inf = nullptr;
+};
+
 // Launches the kernel as vector_step_cuda.cu does: the real plan, the real cache, this launch's
-// gradients in the table's order, blocks in a shuffled order.
-template <typename param_t, typename acc_t>
+// gradients in the table's order, blocks in a shuffled order; the hyperparameters in a float64
+// array of 4 that the kernel reads (as it reads the hyper tensor on the GPU).
+template <typename param_t, typename acc_t, ndadam::RowWrite kWrite = ndadam::RowWrite::kParam>
 class Launcher {
  public:
   explicit Launcher(size_t tables_kept = 16) : cache_(tables_kept) {}
 
   // One launch over `tensors` with the gradients now in their grad buffers (or `grads`).
   plan::LaunchPlan launch(std::vector<plan::TensorArguments> arguments, const Hyper& h, int64_t limit,
-                          const std::string& what, bool capturing = false) {
+                          const std::string& what, bool capturing = false, const Scaler& scaler = {}) {
     plan::LaunchPlan p = plan::make_launch_plan(arguments, sizeof(param_t), sizeof(acc_t), limit);
     const auto found = cache_.find_or_build(p.table, 0, 0, capturing,
                                             [](const std::vector<uint8_t>& bytes) { return HostTable{bytes}; });
@@ -304,27 +311,28 @@ class Launcher {
     std::vector<const void*> grads(arguments.size());
     for (size_t i = 0; i < grads.size(); ++i) grads[i] = arguments[p.order[i]].grad;
     auto* table = const_cast<uint8_t*>(found.storage->bytes.data());
-    lr_ = h.lr;
+    hyper_[0] = h.lr;
+    hyper_[1] = h.beta1;
+    hyper_[2] = h.beta2;
+    hyper_[3] = h.eps;
     kernel::LaunchArguments args{};
     args.entries = reinterpret_cast<const plan::TensorEntry*>(table);
     args.first_warp = reinterpret_cast<const int64_t*>(table + p.first_warp_offset);
     args.arrivals = reinterpret_cast<int32_t*>(table + p.arrivals_offset);
     args.grads = grads.data();
-    args.lr = &lr_;
-    args.lr_is_double = 1;
-    args.beta1 = h.beta1;
-    args.beta2 = h.beta2;
-    args.eps = h.eps;
+    args.hyper = hyper_;
+    args.grad_scale = scaler.grad_scale;
+    args.found_inf = scaler.found_inf;
     args.tensors = p.tensors();
 
     std::vector<int64_t> order(static_cast<size_t>(p.blocks));
     for (int64_t b = 0; b < p.blocks; ++b) order[b] = b;
     std::shuffle(order.begin(), order.end(), std::mt19937_64(++launches_));
-    std::unique_ptr<kernel::SharedStorage<param_t, acc_t>> shared;
+    std::unique_ptr<kernel::SharedStorage<param_t, acc_t, kWrite>> shared;
     // Warps take turns in ascending order, or descending every other launch.
     device().run(
-        order, [&](int64_t) { shared = std::make_unique<kernel::SharedStorage<param_t, acc_t>>(); },
-        [&](int64_t) { kernel::vector_step_block<param_t, acc_t>(args, *shared); }, launches_ % 2 == 0);
+        order, [&](int64_t) { shared = std::make_unique<kernel::SharedStorage<param_t, acc_t, kWrite>>(); },
+        [&](int64_t) { kernel::vector_step_block<param_t, acc_t, kWrite>(args, *shared); }, launches_ % 2 == 0);
     check_emulation(what);
     const int32_t* arrivals = args.arrivals;
     for (int32_t i = 0; i < p.tensors(); ++i) {
@@ -340,7 +348,7 @@ class Launcher {
  private:
   plan::TableCache<HostTable> cache_;
   const HostTable* last_table_ = nullptr;
-  double lr_ = 0;
+  double hyper_[4] = {0, 0, 0, 0};
   uint64_t launches_ = 0;
 };
 
