@@ -52,12 +52,14 @@ def readable_kernel_name(mangled: str) -> str:
     types = {"f": "float", "d": "double", "N3c108BFloat16E": "c10::BFloat16", "N3c104HalfE": "c10::Half"}
     match = re.search(
         r"(vector_step_kernel|row_statistics_kernel|apply_row_statistics_kernel)"
-        r"I(N3c108BFloat16E|N3c104HalfE|f|d)(f|d)(?:LNS_8RowWriteE(\d)E)?E", mangled
+        r"I(N3c108BFloat16E|N3c104HalfE|f|d)(f|d)(?:LNS_8RowWriteE(\d)E|Lb([01])E)?E", mangled
     )
     if match:
         arguments = [types[match.group(2)], types[match.group(3)]]
         if match.group(4) is not None:
             arguments.append(ROW_WRITES.get(match.group(4), f"RowWrite({match.group(4)})"))
+        if match.group(5) is not None:
+            arguments.append("true" if match.group(5) == "1" else "false")
         return f"{match.group(1)}<{', '.join(arguments)}>"
     return mangled
 
@@ -195,10 +197,11 @@ def numerics_problems(ptx: str, row_math_source: str | None = None) -> list[str]
     lines = row_math_lines(source)
     row_math = ROW_MATH.name
     instructions = parse_ptx(ptx)
-    kernels = sorted({i.function for i in instructions if "vector_step_kernel" in i.function})
+    kernels = sorted({i.function for i in instructions if _is_kernel(i.function)})
     problems = []
     if not kernels:
-        return ["the PTX holds no vector_step_kernel"]
+        return ["the PTX holds no kernel of this project (vector_step_kernel, row_statistics_kernel, "
+                "apply_row_statistics_kernel)"]
 
     def from_lines(instruction: Instruction, wanted: set[int]) -> bool:
         return any(file == row_math and line in wanted for file, line, _ in instruction.locations)
@@ -216,6 +219,8 @@ def numerics_problems(ptx: str, row_math_source: str | None = None) -> list[str]
                 problems.append(f"{name}: square root not rounded to nearest: {i.text}")
             if re.match(r"div\.[a-z.]*f(32|64)", opcode) and not opcode.startswith("div.rn."):
                 problems.append(f"{name}: division not rounded to nearest: {i.text}")
+        if "row_statistics_kernel" in kernel and "apply_row_statistics_kernel" not in kernel:
+            continue  # phase 1 of the rows-split step takes sums only: no per-row scalars
         # 1 / x compiles to rcp.rn, the same correctly rounded quotient as div.rn.
         checks = [
             ("the row math's square root", lines.square_root, ("sqrt.rn.",)),
@@ -251,14 +256,37 @@ _WIDE_PARAM_ACCESS = {
 }
 
 
+def _is_kernel(function: str) -> bool:
+    return any(name in function for name in ("vector_step_kernel", "row_statistics_kernel"))
+
+
+# A 16-byte global access of any element type.
+_WIDE_ACCESS = r"(?:ld|st)(?:\.global)?(?:\.nc)?\.v(?:4\.(?:f32|b32|u32)|2\.(?:f64|b64|u64))\b"
+
+
 def access_width_problems(ptx: str) -> list[str]:
-    """Kernels that never move their rows 16 bytes at a time."""
+    """Kernels that never move their rows 16 bytes at a time.
+
+    The vector step: 16-byte asynchronous copies (exact path) and 16-byte loads and stores of
+    params (statistics path). The rows-split kernels, which stage nothing: 16-byte loads (phase 1)
+    and loads and stores (phase 2) of some row array (their 16-bit params with master copies or
+    stochastic rounding move 8 bytes of the param at a time, their fp32 arrays 16).
+    """
     instructions = parse_ptx(ptx)
-    kernels = sorted({i.function for i in instructions if "vector_step_kernel" in i.function})
+    kernels = sorted({i.function for i in instructions if _is_kernel(i.function)})
     if not kernels:
-        return ["the PTX holds no vector_step_kernel"]
+        return ["the PTX holds no kernel of this project (vector_step_kernel, row_statistics_kernel, "
+                "apply_row_statistics_kernel)"]
     problems = []
     for kernel in kernels:
+        if "row_statistics_kernel" in kernel:
+            name = readable_kernel_name(kernel)
+            body = [i.text for i in instructions if i.function == kernel]
+            wanted = (("ld", "load"), ("st", "store")) if "apply_row_statistics_kernel" in kernel else (("ld", "load"),)
+            for op, what in wanted:
+                if not any(re.match(_WIDE_ACCESS, t) and t.startswith(op) for t in body):
+                    problems.append(f"{name}: no 16-byte {what} of a row array")
+            continue
         name = readable_kernel_name(kernel)
         param = re.search(r"<([^,]*),", name)
         wide = _WIDE_PARAM_ACCESS.get(param.group(1) if param else "", None)

@@ -301,9 +301,11 @@ NDADAM_DEVICE_INLINE void write_row_elements(param_t* __restrict__ param_row,
 // the row math needs them, so that they hold no registers meanwhile). β1^t and β2^t are two
 // fp64 pows: lane parity picks the base, so the warp pays for one pow, not two in a row.
 // Called by all 32 lanes.
-template <typename param_t, typename acc_t, RowWrite kWrite>
+// `Shared`: the kernel's shared storage (SharedStorage here, the rows-split kernels' own), which
+// has these per-warp arrays.
+template <typename acc_t, RowWrite kWrite, typename Shared>
 NDADAM_DEVICE_INLINE void publish_step_scalars(const LaunchArguments& args, const TensorEntry& e, float step,
-                                               SharedStorage<param_t, acc_t, kWrite>& shared) {
+                                               Shared& shared) {
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   // float32 step + 1, as the reference increments its float32 step tensor.
@@ -352,9 +354,9 @@ NDADAM_DEVICE_INLINE void unscale(acc_t* g, bool scaled, double scale, double re
 // it the same number of times (it holds a barrier), threads of idle warps (active false) get 0,
 // and each call uses its own slot of shared memory, so no second barrier guards its reuse.
 // Which of the two is the same for every warp of a block (block-rows entries own whole blocks).
-template <typename param_t, typename acc_t, RowWrite kWrite>
+template <typename acc_t, typename Shared>
 struct TeamSum {
-  SharedStorage<param_t, acc_t, kWrite>& shared;
+  Shared& shared;  // a kernel's shared storage with kSumSlots * kWarpsPerBlock warp_partials
   int team;
   int first_warp;
   bool active;
@@ -434,7 +436,7 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
   }
   // The step's scalars while the row is on its way (the copies hold no registers; in fp64, ḡ is
   // loaded into registers after the pow, which would otherwise have to keep them).
-  publish_step_scalars<param_t, acc_t, kWrite>(args, e, step, shared);
+  publish_step_scalars<acc_t, kWrite>(args, e, step, shared);
   if constexpr (kGradHeld) {
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
@@ -493,7 +495,7 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
     }
   };
 
-  TeamSum<param_t, acc_t, kWrite> team_sum{shared, team, first_warp, active, 0};
+  TeamSum<acc_t, SharedStorage<param_t, acc_t, kWrite>> team_sum{shared, team, first_warp, active, 0};
   acc_t partial = 0;
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
@@ -595,7 +597,7 @@ NDADAM_DEVICE_INLINE void statistics_row(const TensorEntry& e, const param_t* gr
                                          const LaunchArguments& args, float step,
                                          SharedStorage<param_t, acc_t, kWrite>& shared) {
   using source_t = RowSource<param_t, acc_t, kWrite>;
-  publish_step_scalars<param_t, acc_t, kWrite>(args, e, step, shared);
+  publish_step_scalars<acc_t, kWrite>(args, e, step, shared);
   const int64_t length = e.row_length;
   const int64_t offset = row * length;
   param_t* __restrict__ w_row = static_cast<param_t*>(e.param) + offset;
@@ -684,15 +686,18 @@ NDADAM_DEVICE_INLINE void statistics_row(const TensorEntry& e, const param_t* gr
 }
 
 // Calls fn(std::integral_constant<int, VEC>) for the entry's vector width (1, 2, 4, or 8 where
-// 8 elements of param_t fit in 16 bytes).
-template <typename param_t, typename Fn>
+// 8 elements of param_t fit in 16 bytes), or for kMostElements where the entry's is wider (a
+// narrower access is valid wherever a wider one is: the row length and the alignments are
+// multiples of it).
+template <typename param_t, int kMostElements = 8, typename Fn>
 NDADAM_DEVICE_INLINE void with_vector_width(int32_t width, Fn&& fn) {
-  constexpr int kWidest = int(cuda_plan::kWidestAccessBytes / sizeof(param_t));
-  if (kWidest >= 8 && width == 8) {
+  constexpr int kFits = int(cuda_plan::kWidestAccessBytes / sizeof(param_t));
+  constexpr int kWidest = kFits < kMostElements ? kFits : kMostElements;
+  if (kWidest >= 8 && width >= 8) {
     fn(std::integral_constant<int, kWidest >= 8 ? 8 : 1>{});
-  } else if (kWidest >= 4 && width == 4) {
+  } else if (kWidest >= 4 && width >= 4) {
     fn(std::integral_constant<int, kWidest >= 4 ? 4 : 1>{});
-  } else if (width == 2) {
+  } else if (width >= 2) {
     fn(std::integral_constant<int, 2>{});
   } else {
     fn(std::integral_constant<int, 1>{});
