@@ -42,8 +42,11 @@ NDADAM_ROUNDING_INLINE uint32_t step_key(int64_t seed, float step) {
 }
 
 // The 16 random bits of element `index` (the row-major index in the tensor, mod 2³²).
+NDADAM_ROUNDING_INLINE uint32_t random_bits(uint32_t key, uint32_t index) {
+  return fmix32((index * kGolden) ^ key) & 0xFFFFu;
+}
 NDADAM_ROUNDING_INLINE uint32_t random_bits(uint32_t key, int64_t index) {
-  return fmix32((static_cast<uint32_t>(index) * kGolden) ^ key) & 0xFFFFu;
+  return random_bits(key, static_cast<uint32_t>(index));
 }
 
 NDADAM_ROUNDING_INLINE uint32_t bits_of(float x) {

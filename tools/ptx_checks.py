@@ -268,9 +268,10 @@ def access_width_problems(ptx: str) -> list[str]:
     """Kernels that never move their rows 16 bytes at a time.
 
     The vector step: 16-byte asynchronous copies (exact path) and 16-byte loads and stores of
-    params (statistics path). The rows-split kernels, which stage nothing: 16-byte loads (phase 1)
-    and loads and stores (phase 2) of some row array (their 16-bit params with master copies or
-    stochastic rounding move 8 bytes of the param at a time, their fp32 arrays 16).
+    params (statistics path; with master copies or stochastic rounding, of some row array: their
+    16-bit params move 8 bytes at a time there, their fp32 arrays 16). The rows-split kernels,
+    which stage nothing: 16-byte loads (phase 1) and loads and stores (phase 2) of some row array
+    (likewise).
     """
     instructions = parse_ptx(ptx)
     kernels = sorted({i.function for i in instructions if _is_kernel(i.function)})
@@ -279,13 +280,23 @@ def access_width_problems(ptx: str) -> list[str]:
                 "apply_row_statistics_kernel)"]
     problems = []
     for kernel in kernels:
+        name = readable_kernel_name(kernel)
         if "row_statistics_kernel" in kernel:
-            name = readable_kernel_name(kernel)
             body = [i.text for i in instructions if i.function == kernel]
             wanted = (("ld", "load"), ("st", "store")) if "apply_row_statistics_kernel" in kernel else (("ld", "load"),)
             for op, what in wanted:
                 if not any(re.match(_WIDE_ACCESS, t) and t.startswith(op) for t in body):
                     problems.append(f"{name}: no 16-byte {what} of a row array")
+            continue
+        if "RowWrite::kParam>" not in name and "RowWrite::" in name:
+            # Master copies and stochastic rounding: the statistics path moves 4 elements at a time
+            # (the fp32 arrays 16 bytes); the exact path stages 16 bytes at a time like the rest.
+            body = [i.text for i in instructions if i.function == kernel]
+            if not any(re.match(r"cp\.async\.cg\.shared\.global\s+\[[^]]+\],\s*\[[^]]+\],\s*16\b", t) for t in body):
+                problems.append(f"{name}: no 16-byte asynchronous copy into shared memory (the exact path's widest access)")
+            for op, what in (("ld", "load"), ("st", "store")):
+                if not any(re.match(_WIDE_ACCESS, t) and t.startswith(op) for t in body):
+                    problems.append(f"{name}: no 16-byte {what} of a row array (the statistics path's widest access)")
             continue
         name = readable_kernel_name(kernel)
         param = re.search(r"<([^,]*),", name)

@@ -268,17 +268,27 @@ NDADAM_DEVICE_INLINE void store_elements(T* __restrict__ row, int64_t start, con
 }
 
 // Elements [start, start + VEC) of a bf16 row, rounded stochastically (ndadam_rounding.h): element
-// k of the row is element first_index + k of the tensor.
+// k of the row is element first_index + k of the tensor. The hash takes the index mod 2^32, so it
+// is counted in 32 bits; the rounded value's upper 16 bits are the bf16's bits.
 template <int VEC, typename T, typename acc_t>
 NDADAM_DEVICE_INLINE void store_stochastically_rounded(T* __restrict__ row, int64_t start, const acc_t* values,
                                                        uint32_t key, int64_t first_index) {
-  acc_t rounded[VEC];
+  static_assert(sizeof(T) == 2, "stochastic rounding writes bf16 params");
+  constexpr int kPiece = kPieceElements<VEC, T>;
+  const uint32_t index = static_cast<uint32_t>(first_index) + static_cast<uint32_t>(start);
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    rounded[j] = rounding::stochastically_rounded(static_cast<float>(values[j]),
-                                                  rounding::random_bits(key, first_index + start + j));
+  for (int p = 0; p < VEC; p += kPiece) {
+    Pack<T, kPiece> pack;
+#pragma unroll
+    for (int j = 0; j < kPiece; ++j) {
+      const float x = static_cast<float>(values[p + j]);
+      const uint32_t random = rounding::random_bits(key, index + static_cast<uint32_t>(p + j));
+      const uint16_t bits = static_cast<uint16_t>(rounding::bits_of(rounding::stochastically_rounded(x, random)) >> 16);
+      memcpy(&pack.value[j], &bits, sizeof(bits));
+    }
+    NDADAM_CHECK_ALIGNED(row + start + p, sizeof(T) * kPiece);
+    *reinterpret_cast<Pack<T, kPiece>*>(row + start + p) = pack;
   }
-  store_elements<VEC>(row, start, rounded);
 }
 
 // Where a row's new values go, as kWrite says (master copy and param: the param gets them rounded
@@ -570,6 +580,11 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
   }
   const acc_t w_bar_sq_norm = team_sum(partial);
   const acc_t scale = row_scale(w_bar_sq_norm, team_sum(magnitude), k);
+  // Every lane of the team read v before the last sum, so one may overwrite it now (before the
+  // stores of the row: v' then holds no registers across them).
+  if (active && lane_in_team == 0) {
+    *v_row = v_new;
+  }
   param_t* w_store = recomputed(w_row);
   acc_t* master_store = recomputed(master_row);
   const uint32_t rounding_key =
@@ -584,10 +599,6 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
       write_row_elements<kWrite, VEC>(w_store, master_store, (c * team + lane_in_team) * VEC, &values[c * VEC],
                                       rounding_key, offset);
     }
-  }
-  // Every lane of the team read v before the last sum, so one may overwrite it now.
-  if (active && lane_in_team == 0) {
-    *v_row = v_new;
   }
 }
 
@@ -799,7 +810,11 @@ NDADAM_DEVICE_INLINE void vector_step_block(const LaunchArguments& args, SharedS
     });
   } else {
     const int64_t row = warp_in_entry / kWarpsPerBlock;
-    with_vector_width<param_t>(e.vector_width, [&](auto vec) {
+    // Stochastic rounding and master copies: at most 4 elements per access on this path (8 bytes
+    // of a 16-bit param, 16 of the fp32 arrays): the hashes of 8 elements would not fit 64
+    // registers on sm_80, and both kernels sum a row alike (the C++ tests compare them bit for bit).
+    constexpr int kMostElements = kWrite == RowWrite::kParam ? 8 : 4;
+    with_vector_width<param_t, kMostElements>(e.vector_width, [&](auto vec) {
       statistics_row<decltype(vec)::value, kWrite, param_t, acc_t>(e, grad, row, args, step, shared);
     });
   }
