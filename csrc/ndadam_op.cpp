@@ -13,7 +13,9 @@
 
 #include <cmath>
 #include <exception>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda/ndadam_cuda_plan.h"
@@ -46,22 +48,87 @@ int64_t resolve_single_pass_limit(int64_t max_single_pass_row_length) {
   return max_single_pass_row_length < 0 ? kSinglePassMaxRowLength : max_single_pass_row_length;
 }
 
-void check_vector_step_arguments(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                                 at::TensorList exp_avg_sqs, at::TensorList state_steps, const at::Tensor& lr,
-                                 double beta1, double beta2, double eps, int64_t max_single_pass_row_length,
+void check_hyper_tensor(const char* op, const at::Tensor& hyper, const at::Device& device) {
+  TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.dim() == 1 && hyper.numel() == 4 && hyper.is_contiguous() &&
+                  hyper.device() == device,
+              op, ": hyper must be a contiguous float64 tensor of 4 elements (lr, beta1, beta2, eps) on ",
+              device.str(), ", got a ", describe(hyper));
+}
+
+void check_scaler_tensors(const char* op, const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf, const at::Device& device) {
+  for (const auto& [name, tensor] : {std::pair<const char*, const std::optional<at::Tensor>&>{"grad_scale", grad_scale},
+                                     std::pair<const char*, const std::optional<at::Tensor>&>{"found_inf", found_inf}}) {
+    if (tensor.has_value()) {
+      TORCH_CHECK(tensor->numel() == 1 && tensor->scalar_type() == at::kFloat && tensor->device() == device, op, ": ",
+                  name, " must be a one-element float32 tensor on ", device.str(),
+                  " (GradScaler's, moved to the params' device), got a ", describe(*tensor));
+    }
+  }
+}
+
+void check_master_and_rounding(const char* op, at::TensorList params, at::TensorList master_params,
+                               at::TensorList rounding_seeds) {
+  const size_t n = params.size();
+  TORCH_CHECK(master_params.empty() || rounding_seeds.empty(), op,
+              ": master_params and rounding_seeds are two ways to keep small updates of bfloat16 params; pass one");
+  TORCH_CHECK(master_params.empty() || master_params.size() == n, op, ": master_params needs one entry per param (or ",
+              "none), but got ", master_params.size(), " for ", n, " params");
+  TORCH_CHECK(rounding_seeds.empty() || rounding_seeds.size() == n, op, ": rounding_seeds needs one entry per param (or ",
+              "none), but got ", rounding_seeds.size(), " for ", n, " params");
+  for (size_t i = 0; i < master_params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& master = master_params[i];
+    TORCH_CHECK(p.scalar_type() == at::kBFloat16 || p.scalar_type() == at::kHalf, op, ": master_params[", i,
+                "] is given for params[", i, "], a ", describe(p), "; master copies are for bfloat16 and float16 params");
+    TORCH_CHECK(master.scalar_type() == at::kFloat && master.sizes() == p.sizes() && master.device() == p.device() &&
+                    master.is_contiguous(),
+                op, ": master_params[", i, "] is a ", describe(master), "; expected a contiguous float32 tensor of shape ",
+                c10::str(p.sizes()), " on ", p.device().str());
+    TORCH_CHECK(!master.is_same(p), op, ": master_params[", i, "] is params[", i, "] itself");
+  }
+  for (size_t i = 0; i < rounding_seeds.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& seed = rounding_seeds[i];
+    TORCH_CHECK(p.scalar_type() == at::kBFloat16, op, ": rounding_seeds[", i, "] is given for params[", i, "], a ",
+                describe(p), "; stochastic rounding rounds to bfloat16 only");
+    TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1 && seed.device() == p.device(), op,
+                ": rounding_seeds[", i, "] is a ", describe(seed), "; expected a one-element int64 tensor on ",
+                p.device().str());
+  }
+}
+
+HostHyperparameters read_and_check_hyperparameters(const char* op, const at::Tensor& hyper) {
+  const double* values = hyper.const_data_ptr<double>();
+  const HostHyperparameters h{values[0], values[1], values[2], values[3]};
+  TORCH_CHECK(std::isfinite(h.lr) && h.lr >= 0.0, op, ": hyper[0] (lr) must be a finite number >= 0, got ", h.lr);
+  TORCH_CHECK(h.beta1 >= 0.0 && h.beta1 < 1.0, op, ": hyper[1] (beta1) must be in [0, 1), got ", h.beta1);
+  TORCH_CHECK(h.beta2 >= 0.0 && h.beta2 < 1.0, op, ": hyper[2] (beta2) must be in [0, 1), got ", h.beta2);
+  TORCH_CHECK(std::isfinite(h.eps) && h.eps >= 0.0, op, ": hyper[3] (eps) must be a finite number >= 0, got ", h.eps);
+  return h;
+}
+
+void check_vector_step_arguments(const VectorStepTensors& call, const at::Tensor& hyper,
+                                 const std::optional<at::Tensor>& grad_scale,
+                                 const std::optional<at::Tensor>& found_inf, int64_t max_single_pass_row_length,
                                  c10::DeviceType device_type) {
+  const at::TensorList params = call.params, grads = call.grads, exp_avgs = call.exp_avgs,
+                       exp_avg_sqs = call.exp_avg_sqs, state_steps = call.state_steps;
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && state_steps.size() == n,
               kOp, ": every list needs one entry per param, but got ", n, " params, ", grads.size(), " grads, ",
               exp_avgs.size(), " exp_avgs, ", exp_avg_sqs.size(), " exp_avg_sqs and ", state_steps.size(),
               " state_steps");
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, kOp, ": beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, kOp, ": beta2 must be in [0, 1), got ", beta2);
-  TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), kOp, ": eps must be a finite number >= 0, got ", eps);
   TORCH_CHECK(max_single_pass_row_length >= -1, kOp,
               ": max_single_pass_row_length must be -1 (the default cut-over) or >= 0, got ",
               max_single_pass_row_length);
+  TORCH_CHECK(hyper.device().type() == device_type, kOp, ": hyper is a ", describe(hyper), " but this is the ",
+              c10::DeviceTypeName(device_type), " kernel");
+  check_hyper_tensor(kOp, hyper, hyper.device());
+  check_scaler_tensors(kOp, grad_scale, found_inf, hyper.device());
   if (n == 0) {
+    TORCH_CHECK(call.master_params.empty() && call.rounding_seeds.empty(), kOp,
+                ": master_params and rounding_seeds need one entry per param, but there are no params");
     return;
   }
 
@@ -73,10 +140,8 @@ void check_vector_step_arguments(at::TensorList params, at::TensorList grads, at
               ": params[0] is a ", describe(first), "; the kernels take float32, float64, bfloat16 or float16");
   const at::Device device = first.device();
   const at::ScalarType acc_dtype = state_dtype(dtype);
-
-  TORCH_CHECK(lr.numel() == 1 && (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble) &&
-                  lr.device() == device,
-              kOp, ": lr must be a one-element float32 or float64 tensor on ", device.str(), ", got a ", describe(lr));
+  check_hyper_tensor(kOp, hyper, device);
+  check_scaler_tensors(kOp, grad_scale, found_inf, device);
 
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
@@ -110,19 +175,24 @@ void check_vector_step_arguments(at::TensorList params, at::TensorList grads, at
                 ": state_steps[", i, "] is a ", describe(step), "; expected a one-element float32 tensor on ",
                 device.str(), " (the param's device, as fused Adam keeps it)");
   }
+  check_master_and_rounding(kOp, params, call.master_params, call.rounding_seeds);
 }
 
 }  // namespace ndadam
 
-// One schema for every device. Params, exp_avgs, exp_avg_sqs and state_steps are updated in
-// place (state_steps incremented by 1 before the math); grads and lr are only read. lr is a
-// tensor on the params' device so that a changing lr (schedulers, CUDA graphs) never needs a
-// new kernel argument.
+// One schema for every device. Params, exp_avgs, exp_avg_sqs, state_steps and master_params are
+// updated in place (state_steps incremented by 1 before the math); the rest is only read.
+// hyper = (lr, β1, β2, ε), float64 on the params' device: the CUDA kernel reads it there, so a
+// changed lr (schedulers, CUDA graph replays) never needs a new kernel argument. grad_scale and
+// found_inf are GradScaler's (gradients divided by grad_scale; found_inf nonzero: nothing
+// changes, step counts included). master_params (fp32 copies of bf16/fp16 params: rows read from
+// and written to them, params get w' rounded to nearest) and rounding_seeds (bf16 params: w'
+// rounded stochastically, ndadam_rounding.h) are empty lists when unused.
 TORCH_LIBRARY(ndadam_fused, m) {
   m.def(
       "vector_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] state_steps, Tensor lr, float beta1, float beta2, float eps, "
-      "int max_single_pass_row_length=-1) -> ()");
+      "Tensor(d!)[] state_steps, Tensor hyper, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor(e!)[] master_params, Tensor[] rounding_seeds, int max_single_pass_row_length=-1) -> ()");
 }
 
 // ndadam_fused._C: importing it loads the registrations above. Its two constants say what the

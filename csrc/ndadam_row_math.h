@@ -30,6 +30,13 @@ namespace ndadam {
 // an argument so that tests can force either path; this is its default.
 constexpr int64_t kSinglePassMaxRowLength = 8192;
 
+// Where a step's new rows go, a choice every kernel compiles in:
+//  - kParam: w' into the param (rounded to nearest in its dtype);
+//  - kMasterAndParam: rows are read from the param's fp32 master copy; w' goes into the master
+//    and, rounded to nearest, into the param (bf16/fp16 params);
+//  - kStochasticParam: w' rounded stochastically into the param (bf16 params; ndadam_rounding.h).
+enum class RowWrite { kParam, kMasterAndParam, kStochasticParam };
+
 // Per-step scalars shared by every row of one tensor (one tensor: one step count t).
 template <typename acc_t>
 struct StepScalars {

@@ -7,7 +7,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "split_rows_op.h"
 
@@ -69,47 +71,61 @@ void check_rows(const char* op, at::TensorList params, at::TensorList grads, at:
 }  // namespace
 
 void check_row_statistics_arguments(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                                    const at::Tensor& statistics, c10::DeviceType device_type) {
-  check_rows("ndadam_fused::row_statistics_", params, grads, exp_avgs, statistics, device_type);
+                                    const at::Tensor& statistics, const std::optional<at::Tensor>& grad_scale,
+                                    at::TensorList master_params, c10::DeviceType device_type) {
+  constexpr const char* op = "ndadam_fused::row_statistics_";
+  check_rows(op, params, grads, exp_avgs, statistics, device_type);
+  check_scaler_tensors(op, grad_scale, std::nullopt, statistics.device());
+  check_master_and_rounding(op, params, master_params, {});
 }
 
-void check_apply_row_statistics_arguments(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                                          at::TensorList exp_avg_sqs, at::TensorList state_steps,
-                                          const at::Tensor& statistics, const at::Tensor& lr, double beta1,
-                                          double beta2, double eps, c10::DeviceType device_type) {
+void check_apply_row_statistics_arguments(const VectorStepTensors& call, const at::Tensor& statistics,
+                                          const at::Tensor& hyper, const std::optional<at::Tensor>& grad_scale,
+                                          const std::optional<at::Tensor>& found_inf, c10::DeviceType device_type) {
   constexpr const char* op = "ndadam_fused::apply_row_statistics_";
-  const size_t n = params.size();
-  TORCH_CHECK(exp_avg_sqs.size() == n && state_steps.size() == n, op, ": every list needs one entry per param, but got ",
-              n, " params, ", exp_avg_sqs.size(), " exp_avg_sqs and ", state_steps.size(), " state_steps");
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, op, ": beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, op, ": beta2 must be in [0, 1), got ", beta2);
-  TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), op, ": eps must be a finite number >= 0, got ", eps);
-  check_rows(op, params, grads, exp_avgs, statistics, device_type);
-  TORCH_CHECK(lr.numel() == 1 && (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble) &&
-                  lr.device() == statistics.device(),
-              op, ": lr must be a one-element float32 or float64 tensor on ", statistics.device().str(), ", got a ",
-              describe(lr));
+  const size_t n = call.params.size();
+  TORCH_CHECK(call.exp_avg_sqs.size() == n && call.state_steps.size() == n, op,
+              ": every list needs one entry per param, but got ", n, " params, ", call.exp_avg_sqs.size(),
+              " exp_avg_sqs and ", call.state_steps.size(), " state_steps");
+  check_rows(op, call.params, call.grads, call.exp_avgs, statistics, device_type);
+  check_hyper_tensor(op, hyper, statistics.device());
+  check_scaler_tensors(op, grad_scale, found_inf, statistics.device());
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& v = exp_avg_sqs[i];
+    const at::Tensor& v = call.exp_avg_sqs[i];
     TORCH_CHECK(v.device() == statistics.device() && v.scalar_type() == statistics.scalar_type() && v.dim() == 1 &&
-                    v.size(0) == params[i].size(0) && v.is_contiguous(),
+                    v.size(0) == call.params[i].size(0) && v.is_contiguous(),
                 op, ": exp_avg_sqs[", i, "] is a ", describe(v), "; expected a contiguous ",
-                c10::toString(statistics.scalar_type()), " tensor of shape [", params[i].size(0),
+                c10::toString(statistics.scalar_type()), " tensor of shape [", call.params[i].size(0),
                 "] (one second moment per row)");
-    const at::Tensor& step = state_steps[i];
+    const at::Tensor& step = call.state_steps[i];
     TORCH_CHECK(step.device() == statistics.device() && step.scalar_type() == at::kFloat && step.numel() == 1, op,
                 ": state_steps[", i, "] is a ", describe(step), "; expected a one-element float32 tensor on ",
                 statistics.device().str());
   }
+  check_master_and_rounding(op, call.params, call.master_params, call.rounding_seeds);
+}
+
+std::vector<int64_t> statistics_first_rows(at::TensorList params) {
+  std::vector<int64_t> offsets(params.size(), 0);
+  int64_t rows = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    offsets[i] = rows;
+    rows += params[i].size(0);
+  }
+  return offsets;
 }
 
 }  // namespace ndadam
 
 // row_statistics_ writes `statistics` only; apply_row_statistics_ updates params, exp_avgs,
-// exp_avg_sqs and state_steps (incremented by 1 before the math) in place and reads the rest.
+// exp_avg_sqs, state_steps (incremented by 1 before the math) and master_params in place and reads
+// the rest. The options are vector_step_'s (ndadam_op.cpp); empty lists where unused.
 TORCH_LIBRARY_FRAGMENT(ndadam_fused, m) {
-  m.def("row_statistics_(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor(a!) statistics) -> ()");
+  m.def(
+      "row_statistics_(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor(a!) statistics, "
+      "Tensor? grad_scale, Tensor[] master_params) -> ()");
   m.def(
       "apply_row_statistics_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] state_steps, Tensor statistics, Tensor lr, float beta1, float beta2, float eps) -> ()");
+      "Tensor(d!)[] state_steps, Tensor statistics, Tensor hyper, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor(e!)[] master_params, Tensor[] rounding_seeds) -> ()");
 }

@@ -391,20 +391,13 @@ def vector_step(
     if split:
         from . import backends
 
-        unsupported = [name for name, value in (
-            ("GradScaler's grad_scale/found_inf", options.get("grad_scale") if options.get("grad_scale") is not None else found_inf),
-            ("master_weights", master_params), ("stochastic_rounding", rounding_seeds)) if value is not None]
-        if unsupported:
-            raise NotImplementedError(
-                f"NDAdam: {', '.join(unsupported)} with rows split across ranks (tensor parallelism) is not "
-                "implemented; use it with FSDP2 (rows whole) or without tensor parallelism"
-            )
         _rows_split_step(
             backends.resolve_row_split(backend, local(params[split[0]]).device),
             [params[i] for i in split], [grads[i] for i in split], [exp_avgs[i] for i in split],
             [exp_avg_sqs[i] for i in split], [state_steps[i] for i in split],
-            lr=options["hyper"][0], beta1=options["beta1"], beta2=options["beta2"], eps=options["eps"],
-            unit_dim=unit_dim, row_buffers=row_buffers,
+            master_params=None if master_params is None else [master_params[i] for i in split],
+            rounding_seeds=None if rounding_seeds is None else [rounding_seeds[i] for i in split],
+            unit_dim=unit_dim, row_buffers=row_buffers, **options,
         )
 
 
@@ -416,10 +409,14 @@ def _rows_split_step(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     *,
-    lr: float | Tensor,
+    hyper: Tensor,
     beta1: float,
     beta2: float,
     eps: float,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    master_params: list[Tensor] | None,
+    rounding_seeds: list[Tensor] | None,
     unit_dim: int,
     row_buffers: MutableMapping[Tensor, Tensor] | None,
 ) -> None:
@@ -427,7 +424,10 @@ def _rows_split_step(
 
     Tensors are grouped by (mesh, splitting mesh dims, state dtype): one statistics buffer and
     one all-reduce per such group (a model has one). Within a group, tensors of one param dtype
-    are adjacent in the buffer, so that a backend steps each dtype with one call.
+    are adjacent in the buffer, so that a backend steps each dtype with one call. GradScaler's
+    ``grad_scale`` unscales the gradients in both phases; with ``found_inf`` set the all-reduce
+    still runs (every rank takes part in it), and the apply phase changes nothing. Master copies
+    (DTensors laid out like their params) are stepped through their local pieces.
     """
     from .rows import RowMajorViews, state_dtype
 
@@ -438,7 +438,8 @@ def _rows_split_step(
     ]
     views = RowMajorViews(
         [local(p) for p in params], [local_grad(p, g) for p, g in zip(params, grads)],
-        [local(m) for m in exp_avgs], unit_dim, row_buffers, keys=params,
+        [local(m) for m in exp_avgs], unit_dim, row_buffers,
+        None if master_params is None else [local(m) for m in master_params], keys=params,
     )
     for (mesh, mesh_dims, dtype), indices in _grouped(keys):
         indices = sorted(indices, key=lambda i: str(params[i].dtype))
@@ -447,11 +448,16 @@ def _rows_split_step(
         statistics = torch.empty((rows, ROW_STATISTICS), dtype=dtype, device=group_params[0].device)
         group_grads = [views.grads[i] for i in indices]
         group_exp_avgs = [views.exp_avgs[i] for i in indices]
-        implementation.row_statistics(group_params, group_grads, group_exp_avgs, statistics)
+        group_masters = None if views.master_params is None else [views.master_params[i] for i in indices]
+        implementation.row_statistics(
+            group_params, group_grads, group_exp_avgs, statistics, grad_scale=grad_scale, master_params=group_masters
+        )
         _all_reduce(statistics, mesh, mesh_dims)
         implementation.apply_row_statistics(
             group_params, group_grads, group_exp_avgs, [local(exp_avg_sqs[i]) for i in indices],
-            [state_steps[i] for i in indices], statistics, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            [state_steps[i] for i in indices], statistics, hyper=hyper, beta1=beta1, beta2=beta2, eps=eps,
+            grad_scale=grad_scale, found_inf=found_inf, master_params=group_masters,
+            rounding_seeds=None if rounding_seeds is None else [rounding_seeds[i] for i in indices],
         )
     views.finish()
 

@@ -316,6 +316,10 @@ def _problem(dtype, seed=0):
     return params, grads, exp_avgs, exp_avg_sqs, steps
 
 
+def _hyper(lr, beta1=0.9, beta2=0.99, eps=1e-8):
+    return hyperparameter_tensor(lr, beta1, beta2, eps, torch.device("cpu"))
+
+
 def _columns(tensor, pieces):
     """``tensor`` cut along dim 1 as torch.chunk cuts a Shard(1) DTensor (a piece may be empty)."""
     size = tensor.shape[1]
@@ -348,7 +352,7 @@ def test_rows_split_ops_equal_the_one_process_step(implementation, dtype, pieces
         piece_steps = [s.clone() for s in steps]
         implementation.apply_row_statistics(
             [p[k] for p in param_pieces], [g[k] for g in grad_pieces], [m[k] for m in exp_avg_pieces],
-            piece_sqs, piece_steps, summed, lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8,
+            piece_sqs, piece_steps, summed, hyper=_hyper(0.05), beta1=0.9, beta2=0.99, eps=1e-8,
         )
         if k == 0:
             result_sqs, result_steps = piece_sqs, piece_steps
@@ -379,7 +383,7 @@ def test_rows_split_zero_update_keeps_every_bit(implementation, case):
     implementation.row_statistics(params, grads, exp_avgs, statistics)
     implementation.apply_row_statistics(
         params, grads, exp_avgs, exp_avg_sqs, steps, statistics,
-        lr=0.0 if case == "lr-0" else 0.1, beta1=0.9, beta2=0.99, eps=1e-8,
+        hyper=_hyper(0.0 if case == "lr-0" else 0.1), beta1=0.9, beta2=0.99, eps=1e-8,
     )
     assert sum(int((a != b).sum()) for a, b in zip(before, params)) == 0
 
@@ -389,12 +393,11 @@ def test_rows_split_zero_update_keeps_every_bit(implementation, case):
 def test_native_rows_split_opcheck(dtype):
     params, grads, exp_avgs, exp_avg_sqs, steps = _problem(dtype)
     statistics = torch.empty(sum(p.shape[0] for p in params), 6, dtype=exp_avgs[0].dtype)
-    torch.library.opcheck(torch.ops.ndadam_fused.row_statistics_.default, (params, grads, exp_avgs, statistics))
+    torch.library.opcheck(torch.ops.ndadam_fused.row_statistics_.default, (params, grads, exp_avgs, statistics, None, []))
     reduced = statistics.clone()
-    lr = torch.tensor(0.05, dtype=torch.float64)
     torch.library.opcheck(
         torch.ops.ndadam_fused.apply_row_statistics_.default,
-        (params, grads, exp_avgs, exp_avg_sqs, steps, reduced, lr, 0.9, 0.99, 1e-8),
+        (params, grads, exp_avgs, exp_avg_sqs, steps, reduced, _hyper(0.05), None, None, [], []),
     )
 
 
@@ -403,17 +406,18 @@ def test_native_rows_split_ops_name_a_bad_argument_and_change_nothing():
     params, grads, exp_avgs, exp_avg_sqs, steps = _problem(torch.float32)
     before = [t.clone() for t in params + exp_avgs + exp_avg_sqs + steps]
     rows = sum(p.shape[0] for p in params)
-    lr = torch.tensor(0.05, dtype=torch.float64)
+    hyper = _hyper(0.05)
     with pytest.raises(RuntimeError, match=r"statistics is a Float tensor of shape \[3, 6\].*expected a contiguous tensor of shape \[14, 6\]"):
-        torch.ops.ndadam_fused.row_statistics_(params, grads, exp_avgs, torch.empty(3, 6))
+        torch.ops.ndadam_fused.row_statistics_(params, grads, exp_avgs, torch.empty(3, 6), None, [])
     with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[1\] is a Float tensor of shape \[2\]"):
         torch.ops.ndadam_fused.apply_row_statistics_(
             params, grads, exp_avgs, [exp_avg_sqs[0], torch.zeros(2)] + exp_avg_sqs[2:], steps,
-            torch.ones(rows, 6), lr, 0.9, 0.99, 1e-8,
+            torch.ones(rows, 6), hyper, None, None, [], [],
         )
     with pytest.raises(RuntimeError, match=r"statistics is Double; the state dtype of Float params is float32"):
         torch.ops.ndadam_fused.apply_row_statistics_(
-            params, grads, exp_avgs, exp_avg_sqs, steps, torch.ones(rows, 6, dtype=torch.float64), lr, 0.9, 0.99, 1e-8
+            params, grads, exp_avgs, exp_avg_sqs, steps, torch.ones(rows, 6, dtype=torch.float64), hyper, None, None,
+            [], [],
         )
     assert all(torch.equal(a, b) for a, b in zip(before, params + exp_avgs + exp_avg_sqs + steps))
 

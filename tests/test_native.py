@@ -67,16 +67,25 @@ def unit_rows(shape, dtype=torch.float32, device="cpu", seed=0):
     return (rows / rows.norm(dim=1, keepdim=True)).reshape(shape).to(device=device, dtype=dtype)
 
 
+def hyper_tensor(lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, device="cpu"):
+    """The op's hyperparameter tensor: float64 [lr, β1, β2, ε] on ``device``."""
+    return torch.tensor([lr, beta1, beta2, eps], dtype=torch.float64, device=device)
+
+
+#: The op's arguments after ``hyper`` when no option is used: grad_scale, found_inf, master_params, rounding_seeds.
+NO_OPTIONS = (None, None, [], [])
+
+
 def op_arguments(shapes, dtype=torch.float32, device="cpu", lr=0.05):
-    """Fresh arguments of vector_step_ for ``shapes`` (params with unit rows, state, grads)."""
+    """Fresh arguments of vector_step_ for ``shapes`` (params with unit rows, state, grads) up to
+    its ``hyper`` tensor (lr, β1 = 0.9, β2 = 0.99, ε = 1e-8)."""
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     params = [unit_rows(s, dtype, device, seed=i) for i, s in enumerate(shapes)]
     grads = [torch.randn(s, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes]
     exp_avgs = [torch.randn(s, dtype=torch.float64).mul(0.01).to(device=device, dtype=state_dtype) for s in shapes]
     exp_avg_sqs = [torch.rand(s[0], dtype=torch.float64).mul(0.01).to(device=device, dtype=state_dtype) for s in shapes]
     steps = [torch.tensor(3.0, device=device) for _ in shapes]
-    lr_tensor = torch.tensor(lr, dtype=torch.float64, device=device)
-    return params, grads, exp_avgs, exp_avg_sqs, steps, lr_tensor
+    return params, grads, exp_avgs, exp_avg_sqs, steps, hyper_tensor(lr, device=device)
 
 
 # ---- DESIGN.md section 7 against the reference ---------------------------------------------
@@ -136,7 +145,7 @@ def _cpu_runs(instruction_set: str) -> bool:
     args = op_arguments([(2, 3)])
     os.environ["NDADAM_CPU_INSTRUCTION_SET"] = instruction_set
     try:
-        OP(*args, 0.9, 0.99, 1e-8)
+        OP(*args, *NO_OPTIONS)
         return True
     except RuntimeError as error:
         if "does not have" in str(error):
@@ -164,7 +173,7 @@ def test_unknown_cpu_instruction_set_is_an_error_that_changes_nothing(monkeypatc
     before = args[0][0].clone()
     monkeypatch.setenv("NDADAM_CPU_INSTRUCTION_SET", "avx9000")
     with pytest.raises(RuntimeError, match="NDADAM_CPU_INSTRUCTION_SET=avx9000 is not one of"):
-        OP(*args, 0.9, 0.99, 1e-8)
+        OP(*args, *NO_OPTIONS)
     assert args[4][0].item() == 3.0 and torch.equal(args[0][0], before)
 
 
@@ -317,7 +326,7 @@ def test_same_addresses_with_a_new_shape_step_the_new_rows(device):
     m_buffer = torch.zeros(1024, device=device)
     v_buffer = torch.zeros(16, device=device)
     step = torch.zeros((), device=device)
-    lr = torch.tensor(0.05, dtype=torch.float64, device=device)
+    hyper = hyper_tensor(0.05, 0.9, 0.999, 1e-8, device=device)
     for rows, length in [(4, 256), (16, 64), (4, 256)]:
         w = param_buffer.view(rows, length)
         w.copy_(unit_rows((rows, length), device=device, seed=rows))
@@ -330,8 +339,8 @@ def test_same_addresses_with_a_new_shape_step_the_new_rows(device):
         ref_opt = NDAdam([reference], lr=0.05, betas=(0.9, 0.999), eps=1e-8, backend="reference")
         reference.grad = grad_buffer.view(rows, length).clone()
         ref_opt.step()
-        OP([w], [grad_buffer.view(rows, length)], [m_buffer.view(rows, length)], [v_buffer[:rows]], [step], lr,
-           0.9, 0.999, 1e-8)
+        OP([w], [grad_buffer.view(rows, length)], [m_buffer.view(rows, length)], [v_buffer[:rows]], [step], hyper,
+           *NO_OPTIONS)
         assert (w - reference.detach()).abs().max() < 1e-5, (rows, length)
 
 
@@ -342,7 +351,7 @@ def test_views_off_the_access_width_step_correctly(device, offset):
     a 16-byte boundary): the kernel must not use 16-byte accesses on them (on a GPU they fault or
     read the wrong elements)."""
     shapes = [(3, 64), (2, 1000), (5, 8)]
-    params, grads, exp_avgs, exp_avg_sqs, steps, lr = op_arguments(shapes, device=device)
+    params, grads, exp_avgs, exp_avg_sqs, steps, hyper = op_arguments(shapes, device=device)
     views = []
     for tensors in (params, grads, exp_avgs):
         moved = []
@@ -354,8 +363,8 @@ def test_views_off_the_access_width_step_correctly(device, offset):
     assert all(v.data_ptr() % 16 != 0 for v in views[0])
     expected = [p.clone() for p in params]
     view_exp_avg_sqs = [v.clone() for v in exp_avg_sqs]
-    OP(params, grads, exp_avgs, exp_avg_sqs, [s.clone() for s in steps], lr, 0.9, 0.99, 1e-8)
-    OP(views[0], views[1], views[2], view_exp_avg_sqs, steps, lr, 0.9, 0.99, 1e-8)
+    OP(params, grads, exp_avgs, exp_avg_sqs, [s.clone() for s in steps], hyper, *NO_OPTIONS)
+    OP(views[0], views[1], views[2], view_exp_avg_sqs, steps, hyper, *NO_OPTIONS)
     for aligned, view, start in zip(params, views[0], expected):
         assert not torch.equal(aligned, start)
         assert (aligned - view).abs().max() < 1e-6
@@ -492,14 +501,14 @@ def test_cuda_graph_replays_match_eager_steps_after_cache_churn():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_opcheck(dtype):
     args = op_arguments([(4, 9), (3, 16), (1, 1), (2, 3, 3)], dtype=dtype)
-    torch.library.opcheck(OP, (*args, 0.9, 0.99, 1e-8, -1))
-    torch.library.opcheck(OP, (*args, 0.9, 0.99, 1e-8, 0))
+    torch.library.opcheck(OP, (*args, *NO_OPTIONS, -1))
+    torch.library.opcheck(OP, (*args, *NO_OPTIONS, 0))
 
 
 def test_op_updates_in_place_and_increments_steps():
-    params, grads, exp_avgs, exp_avg_sqs, steps, lr = op_arguments([(4, 9), (2, 5)])
+    params, grads, exp_avgs, exp_avg_sqs, steps, hyper = op_arguments([(4, 9), (2, 5)])
     before = [p.clone() for p in params]
-    OP(params, grads, exp_avgs, exp_avg_sqs, steps, lr, 0.9, 0.99, 1e-8)
+    OP(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, *NO_OPTIONS)
     assert [s.item() for s in steps] == [4.0, 4.0]
     assert all(not torch.equal(p, b) for p, b in zip(params, before))
     for p in params:
@@ -513,8 +522,8 @@ def test_torch_compile_sees_one_opaque_op():
     eager_args = op_arguments(shapes)
     compiled_args = [[t.clone() for t in group] if isinstance(group, list) else group.clone() for group in eager_args]
 
-    def step(params, grads, exp_avgs, exp_avg_sqs, steps, lr):
-        OP(params, grads, exp_avgs, exp_avg_sqs, steps, lr, 0.9, 0.99, 1e-8)
+    def step(params, grads, exp_avgs, exp_avg_sqs, steps, hyper):
+        OP(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, *NO_OPTIONS)
 
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(step, backend=counter, fullgraph=True)
@@ -535,7 +544,7 @@ def test_torch_compile_sees_one_opaque_op():
 
 
 def _break(args, what):
-    params, grads, exp_avgs, exp_avg_sqs, steps, lr = args
+    params, grads, exp_avgs, exp_avg_sqs, steps, hyper = args
     if what == "grads[1] shape":
         grads[1] = grads[1][:, :-1].contiguous()
     elif what == "exp_avgs[1] dtype":
@@ -552,9 +561,11 @@ def _break(args, what):
         grads[0] = grads[0].t().contiguous().t()
     elif what == "list lengths":
         exp_avgs.pop()
-    elif what == "lr shape":
-        lr = torch.ones(2, dtype=torch.float64)
-    return params, grads, exp_avgs, exp_avg_sqs, steps, lr
+    elif what == "hyper shape":
+        hyper = torch.ones(2, dtype=torch.float64)
+    elif what == "hyper dtype":
+        hyper = hyper.float()
+    return params, grads, exp_avgs, exp_avg_sqs, steps, hyper
 
 
 @pytest.mark.parametrize("what, message", [
@@ -566,34 +577,39 @@ def _break(args, what):
     ("params[0] 1-D", r"params\[0\].*at least 2 dims"),
     ("grads[0] non-contiguous", r"grads\[0\].*contiguous"),
     ("list lengths", r"one entry per param"),
-    ("lr shape", r"lr must be a one-element"),
+    ("hyper shape", r"hyper must be a contiguous float64 tensor of 4 elements"),
+    ("hyper dtype", r"hyper must be a contiguous float64 tensor of 4 elements"),
 ])
 def test_bad_input_is_named_and_nothing_is_modified(what, message):
     args = _break(list(op_arguments([(3, 8), (2, 8)])), what)
     snapshot = [[t.clone() for t in group] if isinstance(group, list) else group.clone() for group in args]
     with pytest.raises(RuntimeError, match=message):
-        OP(*args, 0.9, 0.99, 1e-8)
+        OP(*args, *NO_OPTIONS)
     for group, saved in zip(args, snapshot):
         for tensor, copy in zip(group if isinstance(group, list) else [group], saved if isinstance(saved, list) else [saved]):
             assert torch.equal(tensor, copy)
 
 
-@pytest.mark.parametrize("beta1, beta2, eps, limit, message", [
-    (1.0, 0.99, 1e-8, -1, "beta1"), (0.9, -0.1, 1e-8, -1, "beta2"), (0.9, 0.99, -1.0, -1, "eps"),
-    (0.9, 0.99, 1e-8, -2, "max_single_pass_row_length"),
+@pytest.mark.parametrize("lr, beta1, beta2, eps, limit, message", [
+    (0.05, 1.0, 0.99, 1e-8, -1, r"hyper\[1\] \(beta1\)"), (0.05, 0.9, -0.1, 1e-8, -1, r"hyper\[2\] \(beta2\)"),
+    (0.05, 0.9, 0.99, -1.0, -1, r"hyper\[3\] \(eps\)"), (-0.1, 0.9, 0.99, 1e-8, -1, r"hyper\[0\] \(lr\)"),
+    (math.inf, 0.9, 0.99, 1e-8, -1, r"hyper\[0\] \(lr\)"), (0.05, 0.9, 0.99, 1e-8, -2, "max_single_pass_row_length"),
 ])
-def test_bad_hyperparameters_are_named(beta1, beta2, eps, limit, message):
-    args = op_arguments([(3, 8)])
+def test_bad_hyperparameters_are_named(lr, beta1, beta2, eps, limit, message):
+    """The CPU kernel reads the hyper tensor on the host and checks it before anything changes."""
+    args = list(op_arguments([(3, 8)]))
+    args[5] = hyper_tensor(lr, beta1, beta2, eps)
+    before = args[0][0].clone()
     with pytest.raises(RuntimeError, match=message):
-        OP(*args, beta1, beta2, eps, limit)
-    assert args[4][0].item() == 3.0
+        OP(*args, *NO_OPTIONS, limit)
+    assert args[4][0].item() == 3.0 and torch.equal(args[0][0], before)
 
 
 @pytest.mark.skipif(not CUDA_READY, reason="needs a GPU and a CUDA build of ndadam_fused._C")
 def test_cuda_cut_over_cannot_exceed_what_fits_on_chip():
     args = op_arguments([(3, 8)], device="cuda")
     with pytest.raises(RuntimeError, match="on chip"):
-        OP(*args, 0.9, 0.99, 1e-8, LONGEST_EXACT_ROW + 1)
+        OP(*args, *NO_OPTIONS, LONGEST_EXACT_ROW + 1)
     assert args[4][0].item() == 3.0
 
 
@@ -601,9 +617,9 @@ def test_cuda_cut_over_cannot_exceed_what_fits_on_chip():
 def test_cuda_one_kernel_launch_per_call():
     shapes = MANY_SMALL_SHAPES + [(3, 1000), (1, 9000)]
     args = op_arguments(shapes, device="cuda")
-    OP(*args, 0.9, 0.99, 1e-8)  # uploads the table
+    OP(*args, *NO_OPTIONS)  # uploads the table
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        OP(*args, 0.9, 0.99, 1e-8)
+        OP(*args, *NO_OPTIONS)
         torch.cuda.synchronize()
     kernels = [e.name for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert sum("vector_step_kernel" in name for name in kernels) == 1, kernels

@@ -42,12 +42,25 @@ class KernelResources:
     is_entry: bool = False
 
 
+#: The kernels' RowWrite template argument (csrc/ndadam_row_math.h), by its value.
+ROW_WRITES = {"0": "RowWrite::kParam", "1": "RowWrite::kMasterAndParam", "2": "RowWrite::kStochasticParam"}
+
+
 def readable_kernel_name(mangled: str) -> str:
-    """vector_step_kernel<param, acc> from its mangled name (the dtypes this project instantiates)."""
+    """``<kernel><param, acc[, RowWrite]>`` from a mangled name (the kernels and dtypes this project
+    instantiates), e.g. vector_step_kernel<c10::BFloat16, float, RowWrite::kMasterAndParam>."""
     types = {"f": "float", "d": "double", "N3c108BFloat16E": "c10::BFloat16", "N3c104HalfE": "c10::Half"}
-    match = re.search(r"vector_step_kernelI(N3c108BFloat16E|N3c104HalfE|f|d)(f|d)E", mangled)
+    match = re.search(
+        r"(vector_step_kernel|row_statistics_kernel|apply_row_statistics_kernel)"
+        r"I(N3c108BFloat16E|N3c104HalfE|f|d)(f|d)(?:LNS_8RowWriteE(\d)E|Lb([01])E)?E", mangled
+    )
     if match:
-        return f"vector_step_kernel<{types[match.group(1)]}, {types[match.group(2)]}>"
+        arguments = [types[match.group(2)], types[match.group(3)]]
+        if match.group(4) is not None:
+            arguments.append(ROW_WRITES.get(match.group(4), f"RowWrite({match.group(4)})"))
+        if match.group(5) is not None:
+            arguments.append("true" if match.group(5) == "1" else "false")
+        return f"{match.group(1)}<{', '.join(arguments)}>"
     return mangled
 
 
@@ -184,10 +197,11 @@ def numerics_problems(ptx: str, row_math_source: str | None = None) -> list[str]
     lines = row_math_lines(source)
     row_math = ROW_MATH.name
     instructions = parse_ptx(ptx)
-    kernels = sorted({i.function for i in instructions if "vector_step_kernel" in i.function})
+    kernels = sorted({i.function for i in instructions if _is_kernel(i.function)})
     problems = []
     if not kernels:
-        return ["the PTX holds no vector_step_kernel"]
+        return ["the PTX holds no kernel of this project (vector_step_kernel, row_statistics_kernel, "
+                "apply_row_statistics_kernel)"]
 
     def from_lines(instruction: Instruction, wanted: set[int]) -> bool:
         return any(file == row_math and line in wanted for file, line, _ in instruction.locations)
@@ -205,6 +219,8 @@ def numerics_problems(ptx: str, row_math_source: str | None = None) -> list[str]
                 problems.append(f"{name}: square root not rounded to nearest: {i.text}")
             if re.match(r"div\.[a-z.]*f(32|64)", opcode) and not opcode.startswith("div.rn."):
                 problems.append(f"{name}: division not rounded to nearest: {i.text}")
+        if "row_statistics_kernel" in kernel and "apply_row_statistics_kernel" not in kernel:
+            continue  # phase 1 of the rows-split step takes sums only: no per-row scalars
         # 1 / x compiles to rcp.rn, the same correctly rounded quotient as div.rn.
         checks = [
             ("the row math's square root", lines.square_root, ("sqrt.rn.",)),
@@ -240,16 +256,50 @@ _WIDE_PARAM_ACCESS = {
 }
 
 
+def _is_kernel(function: str) -> bool:
+    return any(name in function for name in ("vector_step_kernel", "row_statistics_kernel"))
+
+
+# A 16-byte global access of any element type.
+_WIDE_ACCESS = r"(?:ld|st)(?:\.global)?(?:\.nc)?\.v(?:4\.(?:f32|b32|u32)|2\.(?:f64|b64|u64))\b"
+
+
 def access_width_problems(ptx: str) -> list[str]:
-    """Kernels that never move their rows 16 bytes at a time."""
+    """Kernels that never move their rows 16 bytes at a time.
+
+    The vector step: 16-byte asynchronous copies (exact path) and 16-byte loads and stores of
+    params (statistics path; with master copies or stochastic rounding, of some row array: their
+    16-bit params move 8 bytes at a time there, their fp32 arrays 16). The rows-split kernels,
+    which stage nothing: 16-byte loads (phase 1) and loads and stores (phase 2) of some row array
+    (likewise).
+    """
     instructions = parse_ptx(ptx)
-    kernels = sorted({i.function for i in instructions if "vector_step_kernel" in i.function})
+    kernels = sorted({i.function for i in instructions if _is_kernel(i.function)})
     if not kernels:
-        return ["the PTX holds no vector_step_kernel"]
+        return ["the PTX holds no kernel of this project (vector_step_kernel, row_statistics_kernel, "
+                "apply_row_statistics_kernel)"]
     problems = []
     for kernel in kernels:
         name = readable_kernel_name(kernel)
-        param = re.search(r"<(.*),", name)
+        if "row_statistics_kernel" in kernel:
+            body = [i.text for i in instructions if i.function == kernel]
+            wanted = (("ld", "load"), ("st", "store")) if "apply_row_statistics_kernel" in kernel else (("ld", "load"),)
+            for op, what in wanted:
+                if not any(re.match(_WIDE_ACCESS, t) and t.startswith(op) for t in body):
+                    problems.append(f"{name}: no 16-byte {what} of a row array")
+            continue
+        if "RowWrite::kParam>" not in name and "RowWrite::" in name:
+            # Master copies and stochastic rounding: the statistics path moves 4 elements at a time
+            # (the fp32 arrays 16 bytes); the exact path stages 16 bytes at a time like the rest.
+            body = [i.text for i in instructions if i.function == kernel]
+            if not any(re.match(r"cp\.async\.cg\.shared\.global\s+\[[^]]+\],\s*\[[^]]+\],\s*16\b", t) for t in body):
+                problems.append(f"{name}: no 16-byte asynchronous copy into shared memory (the exact path's widest access)")
+            for op, what in (("ld", "load"), ("st", "store")):
+                if not any(re.match(_WIDE_ACCESS, t) and t.startswith(op) for t in body):
+                    problems.append(f"{name}: no 16-byte {what} of a row array (the statistics path's widest access)")
+            continue
+        name = readable_kernel_name(kernel)
+        param = re.search(r"<([^,]*),", name)
         wide = _WIDE_PARAM_ACCESS.get(param.group(1) if param else "", None)
         body = [i.text for i in instructions if i.function == kernel]
         if not any(re.match(r"cp\.async\.cg\.shared\.global\s+\[[^]]+\],\s*\[[^]]+\],\s*16\b", t) for t in body):

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../ndadam_rounding.h"
 #include "../ndadam_row_math.h"
 
 namespace ndadam::cpu {
@@ -36,11 +37,54 @@ NDADAM_ALWAYS_INLINE acc_t load(const param_t* data, int64_t i) {
   return static_cast<acc_t>(data[i]);
 }
 
+// ḡ of a row as the kernel reads it: the stored gradient, or (kUnscale) the stored gradient
+// divided by GradScaler's scale, per element in acc_t as the reference divides it. A compile-time
+// choice: a division in every inner loop would cost the unscaled steps too.
+template <typename grad_t, typename acc_t, bool kUnscale>
+struct Gradient {
+  const grad_t* __restrict__ data;
+  acc_t scale;  // used with kUnscale only
+
+  NDADAM_ALWAYS_INLINE acc_t operator()(int64_t i) const {
+    if constexpr (kUnscale) {
+      return static_cast<acc_t>(data[i]) / scale;
+    } else {
+      return static_cast<acc_t>(data[i]);
+    }
+  }
+};
+
+using ndadam::RowWrite;
+
+// Where a row's new values go (the last sweep of either path calls it once per element), as
+// kWrite says (ndadam_row_math.h); for kStochasticParam the random bits are drawn for element
+// `first_index + i` of the tensor with this step's `key`.
+
+template <typename param_t, typename acc_t, RowWrite kWrite>
+struct RowWriter {
+  param_t* param;
+  acc_t* master = nullptr;
+  uint32_t key = 0;
+  int64_t first_index = 0;
+
+  NDADAM_ALWAYS_INLINE void operator()(int64_t i, acc_t value) const {
+    if constexpr (kWrite == RowWrite::kParam) {
+      param[i] = static_cast<param_t>(value);
+    } else if constexpr (kWrite == RowWrite::kMasterAndParam) {
+      master[i] = value;
+      param[i] = static_cast<param_t>(value);
+    } else {
+      const float x = static_cast<float>(value);
+      param[i] = static_cast<param_t>(rounding::stochastically_rounded(x, rounding::random_bits(key, first_index + i)));
+    }
+  }
+};
+
 // The row after this one, to prefetch while this one is swept in cache; null pointers: none.
-template <typename param_t, typename acc_t>
+template <typename source_t, typename grad_t, typename acc_t>
 struct NextRow {
-  const param_t* w = nullptr;
-  const param_t* grad = nullptr;
+  const source_t* w = nullptr;
+  const grad_t* grad = nullptr;
   const acc_t* m = nullptr;
 };
 
@@ -76,10 +120,13 @@ NDADAM_ALWAYS_INLINE void prefetch_block(const T* data, int64_t start, int64_t e
 // nearly radial); ||w̄||² from w·m' and ||m'||² is a sum of a unit c and small terms. Sweeps 2 and
 // 3 read this row from cache, so they prefetch the next row (w and ḡ in sweep 2, m in sweep 3):
 // the memory system works on row r+1 while the core finishes row r.
-template <typename param_t, typename acc_t>
-NDADAM_ALWAYS_INLINE void exact_row_step(param_t* __restrict__ w, const param_t* __restrict__ grad,
-                                         acc_t* __restrict__ m, acc_t* __restrict__ v, int64_t row_length,
-                                         const StepScalars<acc_t>& k, const NextRow<param_t, acc_t>& next = {}) {
+//
+// `w` is where the row is read from (the param, or its master copy); `write` stores w' (it may
+// write through `w`'s memory: w is not restrict).
+template <typename source_t, typename acc_t, typename GradientRow, typename Writer, typename Next>
+NDADAM_ALWAYS_INLINE void exact_row_step(const source_t* w, const GradientRow& grad, acc_t* __restrict__ m,
+                                         acc_t* __restrict__ v, int64_t row_length, const StepScalars<acc_t>& k,
+                                         const Writer& write, const Next& next) {
   acc_t grad_dot_w = 0;
   acc_t w_dot_w = 0;
   for (int64_t start = 0; start < row_length; start += kSumBlock) {
@@ -87,8 +134,8 @@ NDADAM_ALWAYS_INLINE void exact_row_step(param_t* __restrict__ w, const param_t*
     acc_t gw = 0, ww = 0;
 #pragma omp simd reduction(+ : gw, ww)
     for (int64_t i = start; i < end; ++i) {
-      const acc_t wi = load<param_t, acc_t>(w, i);
-      gw += load<param_t, acc_t>(grad, i) * wi;
+      const acc_t wi = load<source_t, acc_t>(w, i);
+      gw += grad(i) * wi;
       ww += wi * wi;
     }
     grad_dot_w += gw;
@@ -106,8 +153,8 @@ NDADAM_ALWAYS_INLINE void exact_row_step(param_t* __restrict__ w, const param_t*
     acc_t gg = 0, m_abs = 0, wm = 0, mm = 0;
 #pragma omp simd reduction(+ : gg, m_abs, wm, mm)
     for (int64_t i = start; i < end; ++i) {
-      const acc_t wi = load<param_t, acc_t>(w, i);
-      const acc_t g = projected_gradient(load<param_t, acc_t>(grad, i), wi, grad_dot_w);
+      const acc_t wi = load<source_t, acc_t>(w, i);
+      const acc_t g = projected_gradient(grad(i), wi, grad_dot_w);
       gg += g * g;
       const acc_t m_new = first_moment_update(m[i], g, k);
       m_abs += m_new < acc_t(0) ? -m_new : m_new;
@@ -130,26 +177,25 @@ NDADAM_ALWAYS_INLINE void exact_row_step(param_t* __restrict__ w, const param_t*
     prefetch_block(next.m, start, end, row_length);
 #pragma omp simd
     for (int64_t i = start; i < end; ++i) {
-      w[i] = static_cast<param_t>(unnormalized_weight(load<param_t, acc_t>(w, i), m[i], s) * scale);
+      write(i, unnormalized_weight(load<source_t, acc_t>(w, i), m[i], s) * scale);
     }
   }
   *v = v_new;
 }
 
-// The statistics form, for rows too long to stay in cache: one sweep reads (w, ḡ, m) for the
-// six statistics, the closed forms give (v', s, 1/||w̄||), one sweep writes m' and w'.
-// 32 bytes per fp32 element, and never a third sweep.
-template <typename param_t, typename acc_t>
-NDADAM_ALWAYS_INLINE void statistics_row_step(param_t* __restrict__ w, const param_t* __restrict__ grad, acc_t* __restrict__ m,
-                         acc_t* __restrict__ v, int64_t row_length, const StepScalars<acc_t>& k) {
+// The six statistics [ḡ·w, ḡ·ḡ, w·w, m·w, m·m, m·ḡ] of one row (or of a rank's piece of it),
+// summed in blocks of kSumBlock.
+template <typename source_t, typename acc_t, typename GradientRow>
+NDADAM_ALWAYS_INLINE RowStatistics<acc_t> row_statistics(const source_t* w, const GradientRow& grad,
+                                                         const acc_t* __restrict__ m, int64_t row_length) {
   RowStatistics<acc_t> stats{0, 0, 0, 0, 0, 0};
   for (int64_t start = 0; start < row_length; start += kSumBlock) {
     const int64_t end = std::min(start + kSumBlock, row_length);
     acc_t gw = 0, gg = 0, ww = 0, mw = 0, mm = 0, mg = 0;
 #pragma omp simd reduction(+ : gw, gg, ww, mw, mm, mg)
     for (int64_t i = start; i < end; ++i) {
-      const acc_t wi = load<param_t, acc_t>(w, i);
-      const acc_t gi = load<param_t, acc_t>(grad, i);
+      const acc_t wi = load<source_t, acc_t>(w, i);
+      const acc_t gi = grad(i);
       const acc_t mi = m[i];
       gw += gi * wi;
       gg += gi * gi;
@@ -165,31 +211,65 @@ NDADAM_ALWAYS_INLINE void statistics_row_step(param_t* __restrict__ w, const par
     stats.m_dot_m += mm;
     stats.m_dot_grad += mg;
   }
+  return stats;
+}
 
-  const RowUpdate<acc_t> update = update_from_statistics(stats, *v, k);
-  const acc_t a = stats.grad_dot_w;
+// The elementwise sweep of the statistics form: m' = β1 m + (1-β1)(ḡ - a w), stored, and
+// w' = (w - s m') · r, written, with (s, r) from the row's (full) statistics.
+template <typename source_t, typename acc_t, typename GradientRow, typename Writer>
+NDADAM_ALWAYS_INLINE void apply_row_update(const source_t* w, const GradientRow& grad, acc_t* __restrict__ m,
+                                           int64_t row_length, acc_t grad_dot_w, const RowUpdate<acc_t>& update,
+                                           const StepScalars<acc_t>& k, const Writer& write) {
 #pragma omp simd
   for (int64_t i = 0; i < row_length; ++i) {
-    const acc_t wi = load<param_t, acc_t>(w, i);
-    const acc_t g = projected_gradient(load<param_t, acc_t>(grad, i), wi, a);
+    const acc_t wi = load<source_t, acc_t>(w, i);
+    const acc_t g = projected_gradient(grad(i), wi, grad_dot_w);
     const acc_t m_new = first_moment_update(m[i], g, k);
     m[i] = m_new;
-    w[i] = static_cast<param_t>(unnormalized_weight(wi, m_new, update.step_size) * update.inverse_norm);
+    write(i, unnormalized_weight(wi, m_new, update.step_size) * update.inverse_norm);
   }
+}
+
+// The statistics form, for rows too long to stay in cache: one sweep reads (w, ḡ, m) for the
+// six statistics, the closed forms give (v', s, 1/||w̄||), one sweep writes m' and w'.
+// 32 bytes per fp32 element, and never a third sweep.
+template <typename source_t, typename acc_t, typename GradientRow, typename Writer>
+NDADAM_ALWAYS_INLINE void statistics_row_step(const source_t* w, const GradientRow& grad, acc_t* __restrict__ m,
+                                              acc_t* __restrict__ v, int64_t row_length, const StepScalars<acc_t>& k,
+                                              const Writer& write) {
+  const RowStatistics<acc_t> stats = row_statistics(w, grad, m, row_length);
+  const RowUpdate<acc_t> update = update_from_statistics(stats, *v, k);
+  apply_row_update(w, grad, m, row_length, stats.grad_dot_w, update, k, write);
   *v = update.exp_avg_sq;
 }
 
 // The path a row of this length takes: exact when it fits under the cut-over. Long rows on the
 // statistics path are long streams, which the hardware prefetchers follow on their own.
-template <typename param_t, typename acc_t>
-NDADAM_ALWAYS_INLINE void row_step(param_t* w, const param_t* grad, acc_t* m, acc_t* v, int64_t row_length,
+template <typename source_t, typename acc_t, typename GradientRow, typename Writer, typename Next>
+NDADAM_ALWAYS_INLINE void row_step(const source_t* w, const GradientRow& grad, acc_t* m, acc_t* v, int64_t row_length,
                                    int64_t max_single_pass_row_length, const StepScalars<acc_t>& k,
-                                   const NextRow<param_t, acc_t>& next = {}) {
+                                   const Writer& write, const Next& next) {
   if (row_length <= max_single_pass_row_length) {
-    exact_row_step(w, grad, m, v, row_length, k, next);
+    exact_row_step(w, grad, m, v, row_length, k, write, next);
   } else {
-    statistics_row_step(w, grad, m, v, row_length, k);
+    statistics_row_step(w, grad, m, v, row_length, k, write);
   }
+}
+
+// The plain step of one row in place (no GradScaler, no master copy, round to nearest): what the
+// C++ unit test (tests/cpp/test_row_math.cpp) calls.
+template <typename param_t, typename acc_t>
+NDADAM_ALWAYS_INLINE void exact_row_step(param_t* w, const param_t* grad, acc_t* m, acc_t* v, int64_t row_length,
+                                         const StepScalars<acc_t>& k) {
+  exact_row_step(w, Gradient<param_t, acc_t, false>{grad, acc_t(1)}, m, v, row_length, k,
+                 RowWriter<param_t, acc_t, RowWrite::kParam>{w}, NextRow<param_t, param_t, acc_t>{});
+}
+
+template <typename param_t, typename acc_t>
+NDADAM_ALWAYS_INLINE void statistics_row_step(param_t* w, const param_t* grad, acc_t* m, acc_t* v,
+                                              int64_t row_length, const StepScalars<acc_t>& k) {
+  statistics_row_step(w, Gradient<param_t, acc_t, false>{grad, acc_t(1)}, m, v, row_length, k,
+                      RowWriter<param_t, acc_t, RowWrite::kParam>{w});
 }
 
 }  // namespace ndadam::cpu

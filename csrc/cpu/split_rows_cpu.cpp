@@ -9,8 +9,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
+#include "../ndadam_op.h"
+#include "../ndadam_rounding.h"
 #include "../ndadam_row_math.h"
 #include "../split_rows_op.h"
 #include "ndadam_cpu_rows.h"
@@ -50,146 +54,178 @@ std::vector<RowRange> row_ranges(at::TensorList params) {
   return ranges;
 }
 
-std::vector<int64_t> first_rows(at::TensorList params) {
-  std::vector<int64_t> offsets(params.size(), 0);
-  int64_t rows = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    offsets[i] = rows;
-    rows += params[i].size(0);
-  }
-  return offsets;
-}
-
-// [ḡ·w, ḡ·ḡ, w·w, m·w, m·m, m·ḡ] over one row's local elements, summed in blocks of
-// cpu::kSumBlock (the rounding error grows with the block, not with the row).
-template <typename param_t, typename acc_t>
-void local_row_statistics(const param_t* __restrict__ w, const param_t* __restrict__ grad, const acc_t* __restrict__ m,
-                          int64_t length, acc_t* __restrict__ out) {
-  acc_t sums[kRowStatisticsPerRow] = {0, 0, 0, 0, 0, 0};
-  for (int64_t start = 0; start < length; start += cpu::kSumBlock) {
-    const int64_t end = std::min(start + cpu::kSumBlock, length);
-    acc_t gw = 0, gg = 0, ww = 0, mw = 0, mm = 0, mg = 0;
-#pragma omp simd reduction(+ : gw, gg, ww, mw, mm, mg)
-    for (int64_t i = start; i < end; ++i) {
-      const acc_t wi = cpu::load<param_t, acc_t>(w, i);
-      const acc_t gi = cpu::load<param_t, acc_t>(grad, i);
-      const acc_t mi = m[i];
-      gw += gi * wi;
-      gg += gi * gi;
-      ww += wi * wi;
-      mw += mi * wi;
-      mm += mi * mi;
-      mg += mi * gi;
+// Master copies exist for bf16/fp16 params, stochastic rounding for bf16 (the argument checks
+// refused the rest): fn(write) with the call's cpu::RowWrite as a compile-time constant, only for
+// the kernels that can occur.
+template <typename param_t, typename Fn>
+void with_row_write(at::TensorList master_params, at::TensorList rounding_seeds, Fn&& fn) {
+  using Write = cpu::RowWrite;
+  if constexpr (std::is_same_v<param_t, at::BFloat16> || std::is_same_v<param_t, at::Half>) {
+    if (!master_params.empty()) {
+      return fn(std::integral_constant<Write, Write::kMasterAndParam>{});
     }
-    sums[0] += gw;
-    sums[1] += gg;
-    sums[2] += ww;
-    sums[3] += mw;
-    sums[4] += mm;
-    sums[5] += mg;
   }
-  std::copy(sums, sums + kRowStatisticsPerRow, out);
+  if constexpr (std::is_same_v<param_t, at::BFloat16>) {
+    if (!rounding_seeds.empty()) {
+      return fn(std::integral_constant<Write, Write::kStochasticParam>{});
+    }
+  }
+  fn(std::integral_constant<Write, Write::kParam>{});
 }
 
-// One row from its full statistics: (v', s, 1/||w̄||) by the closed forms, then
-// m' = β1 m + (1-β1)(ḡ - a w) and w' = (w - s m') / ||w̄|| on the local elements.
-template <typename param_t, typename acc_t>
-void apply_row(param_t* __restrict__ w, const param_t* __restrict__ grad, acc_t* __restrict__ m, acc_t* v,
-               int64_t length, const acc_t* statistics, const StepScalars<acc_t>& k) {
-  const RowStatistics<acc_t> st{statistics[0], statistics[1], statistics[2],
-                                statistics[3], statistics[4], statistics[5]};
-  const RowUpdate<acc_t> update = update_from_statistics(st, *v, k);
-  const acc_t a = st.grad_dot_w;
-#pragma omp simd
-  for (int64_t i = 0; i < length; ++i) {
-    const acc_t wi = cpu::load<param_t, acc_t>(w, i);
-    const acc_t g = projected_gradient(cpu::load<param_t, acc_t>(grad, i), wi, a);
-    const acc_t m_new = first_moment_update(m[i], g, k);
-    m[i] = m_new;
-    w[i] = static_cast<param_t>(unnormalized_weight(wi, m_new, update.step_size) * update.inverse_norm);
+template <typename Fn>
+void with_unscale(bool unscale, Fn&& fn) {
+  if (unscale) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
   }
-  *v = update.exp_avg_sq;
 }
 
-template <typename param_t>
-void statistics_of_rows(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::Tensor& statistics) {
+// Phase 1 over every row: w from the param, or from its master copy (kFromMaster).
+template <typename param_t, bool kFromMaster, bool kUnscale>
+void statistics_of_rows(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList master_params, at::Tensor& statistics, double grad_scale) {
   using acc_t = at::opmath_type<param_t>;
+  using source_t = std::conditional_t<kFromMaster, acc_t, param_t>;
   const std::vector<RowRange> ranges = row_ranges(params);
-  const std::vector<int64_t> offsets = first_rows(params);
+  const std::vector<int64_t> offsets = statistics_first_rows(params);
   acc_t* out = statistics.data_ptr<acc_t>();
   at::parallel_for(0, static_cast<int64_t>(ranges.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const RowRange& range = ranges[r];
       const int64_t length = local_row_length(params[range.tensor]);
-      const param_t* w = params[range.tensor].const_data_ptr<param_t>();
+      const source_t* w;
+      if constexpr (kFromMaster) {
+        w = master_params[range.tensor].const_data_ptr<acc_t>();
+      } else {
+        w = params[range.tensor].const_data_ptr<param_t>();
+      }
       const param_t* grad = grads[range.tensor].const_data_ptr<param_t>();
       const acc_t* m = exp_avgs[range.tensor].const_data_ptr<acc_t>();
       for (int64_t row = range.first_row; row < range.end_row; ++row) {
-        local_row_statistics<param_t, acc_t>(w + row * length, grad + row * length, m + row * length, length,
-                                             out + (offsets[range.tensor] + row) * kRowStatisticsPerRow);
+        const int64_t offset = row * length;
+        const cpu::Gradient<param_t, acc_t, kUnscale> g{grad + offset, static_cast<acc_t>(grad_scale)};
+        const RowStatistics<acc_t> st = cpu::row_statistics(w + offset, g, m + offset, length);
+        acc_t* row_out = out + (offsets[range.tensor] + row) * kRowStatisticsPerRow;
+        row_out[0] = st.grad_dot_w;
+        row_out[1] = st.grad_dot_grad;
+        row_out[2] = st.w_dot_w;
+        row_out[3] = st.m_dot_w;
+        row_out[4] = st.m_dot_m;
+        row_out[5] = st.m_dot_grad;
       }
     }
   });
 }
 
-template <typename param_t>
-void apply_to_rows(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                   const std::vector<double>& steps, const at::Tensor& statistics, double lr, double beta1,
-                   double beta2, double eps) {
+// Phase 2 over every row: (v', s, r) from the row's full statistics, then m' and w' on the local
+// elements, written as kWrite says.
+template <typename param_t, cpu::RowWrite kWrite, bool kUnscale>
+void apply_to_rows(const VectorStepTensors& call, const std::vector<float>& steps, const at::Tensor& statistics,
+                   const HostHyperparameters& h, double grad_scale) {
   using acc_t = at::opmath_type<param_t>;
+  using source_t = std::conditional_t<kWrite == cpu::RowWrite::kMasterAndParam, acc_t, param_t>;
+  const at::TensorList params = call.params;
   const std::vector<RowRange> ranges = row_ranges(params);
-  const std::vector<int64_t> offsets = first_rows(params);
+  const std::vector<int64_t> offsets = statistics_first_rows(params);
   std::vector<StepScalars<acc_t>> scalars;
-  for (double step : steps) {
-    scalars.push_back(make_step_scalars<acc_t>(lr, beta1, beta2, eps, step));
+  std::vector<uint32_t> keys(params.size(), 0);
+  for (size_t i = 0; i < params.size(); ++i) {
+    scalars.push_back(make_step_scalars<acc_t>(h.lr, h.beta1, h.beta2, h.eps, steps[i]));
+    if constexpr (kWrite == cpu::RowWrite::kStochasticParam) {
+      keys[i] = rounding::step_key(*call.rounding_seeds[i].const_data_ptr<int64_t>(), steps[i]);
+    }
   }
   const acc_t* reduced = statistics.const_data_ptr<acc_t>();
   at::parallel_for(0, static_cast<int64_t>(ranges.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const RowRange& range = ranges[r];
-      const int64_t length = local_row_length(params[range.tensor]);
-      param_t* w = params[range.tensor].data_ptr<param_t>();
-      const param_t* grad = grads[range.tensor].const_data_ptr<param_t>();
-      acc_t* m = exp_avgs[range.tensor].data_ptr<acc_t>();
-      acc_t* v = exp_avg_sqs[range.tensor].data_ptr<acc_t>();
+      const int64_t tensor = range.tensor;
+      const int64_t length = local_row_length(params[tensor]);
+      param_t* w = params[tensor].data_ptr<param_t>();
+      acc_t* master = nullptr;
+      const source_t* source;
+      if constexpr (kWrite == cpu::RowWrite::kMasterAndParam) {
+        master = call.master_params[tensor].data_ptr<acc_t>();
+        source = master;
+      } else {
+        source = w;
+      }
+      const param_t* grad = call.grads[tensor].const_data_ptr<param_t>();
+      acc_t* m = call.exp_avgs[tensor].data_ptr<acc_t>();
+      acc_t* v = call.exp_avg_sqs[tensor].data_ptr<acc_t>();
       for (int64_t row = range.first_row; row < range.end_row; ++row) {
-        apply_row<param_t, acc_t>(w + row * length, grad + row * length, m + row * length, v + row, length,
-                                  reduced + (offsets[range.tensor] + row) * kRowStatisticsPerRow,
-                                  scalars[range.tensor]);
+        const int64_t offset = row * length;
+        const acc_t* st = reduced + (offsets[tensor] + row) * kRowStatisticsPerRow;
+        const RowStatistics<acc_t> stats{st[0], st[1], st[2], st[3], st[4], st[5]};
+        const RowUpdate<acc_t> update = update_from_statistics(stats, v[row], scalars[tensor]);
+        cpu::RowWriter<param_t, acc_t, kWrite> write{w + offset};
+        if constexpr (kWrite == cpu::RowWrite::kMasterAndParam) {
+          write.master = master + offset;
+        } else if constexpr (kWrite == cpu::RowWrite::kStochasticParam) {
+          write.key = keys[tensor];
+          write.first_index = offset;
+        }
+        const cpu::Gradient<param_t, acc_t, kUnscale> g{grad + offset, static_cast<acc_t>(grad_scale)};
+        cpu::apply_row_update(source + offset, g, m + offset, length, stats.grad_dot_w, update, scalars[tensor], write);
+        v[row] = update.exp_avg_sq;
       }
     }
   });
 }
 
-void row_statistics_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::Tensor statistics) {
-  check_row_statistics_arguments(params, grads, exp_avgs, statistics, c10::DeviceType::CPU);
+void row_statistics_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::Tensor statistics,
+                        const std::optional<at::Tensor>& grad_scale, at::TensorList master_params) {
+  check_row_statistics_arguments(params, grads, exp_avgs, statistics, grad_scale, master_params, c10::DeviceType::CPU);
   if (params.empty()) {
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "ndadam_fused::row_statistics_",
-                                  [&] { statistics_of_rows<scalar_t>(params, grads, exp_avgs, statistics); });
+  const double scale = grad_scale.has_value() ? static_cast<double>(*grad_scale->const_data_ptr<float>()) : 1.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "ndadam_fused::row_statistics_", [&] {
+    with_unscale(grad_scale.has_value(), [&](auto unscale) {
+      if (!master_params.empty()) {
+        statistics_of_rows<scalar_t, true, decltype(unscale)::value>(params, grads, exp_avgs, master_params, statistics,
+                                                                    scale);
+      } else {
+        statistics_of_rows<scalar_t, false, decltype(unscale)::value>(params, grads, exp_avgs, master_params,
+                                                                     statistics, scale);
+      }
+    });
+  });
 }
 
 void apply_row_statistics_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                               at::TensorList exp_avg_sqs, at::TensorList state_steps, const at::Tensor& statistics,
-                              const at::Tensor& lr, double beta1, double beta2, double eps) {
-  check_apply_row_statistics_arguments(params, grads, exp_avgs, exp_avg_sqs, state_steps, statistics, lr, beta1, beta2,
-                                       eps, c10::DeviceType::CPU);
+                              const at::Tensor& hyper, const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf, at::TensorList master_params,
+                              at::TensorList rounding_seeds) {
+  const VectorStepTensors call{params, grads, exp_avgs, exp_avg_sqs, state_steps, master_params, rounding_seeds};
+  check_apply_row_statistics_arguments(call, statistics, hyper, grad_scale, found_inf, c10::DeviceType::CPU);
+  const HostHyperparameters h = read_and_check_hyperparameters("ndadam_fused::apply_row_statistics_", hyper);
   if (params.empty()) {
     return;
   }
-  const double lr_value = lr.item<double>();
+  // GradScaler found an inf or a NaN: nothing changes, step counts included.
+  if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) {
+    return;
+  }
+  const double scale = grad_scale.has_value() ? static_cast<double>(*grad_scale->const_data_ptr<float>()) : 1.0;
   // Everything is checked: from here on the op runs to the end.
-  std::vector<double> steps(params.size());
+  std::vector<float> steps(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     float* step = state_steps[i].data_ptr<float>();
     *step = *step + 1.0f;  // in float32, as the reference increments its float32 step tensor
-    steps[i] = static_cast<double>(*step);
+    steps[i] = *step;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
                                   "ndadam_fused::apply_row_statistics_", [&] {
-                                    apply_to_rows<scalar_t>(params, grads, exp_avgs, exp_avg_sqs, steps, statistics,
-                                                            lr_value, beta1, beta2, eps);
+                                    with_row_write<scalar_t>(master_params, rounding_seeds, [&](auto write) {
+                                      with_unscale(grad_scale.has_value(), [&](auto unscale) {
+                                        apply_to_rows<scalar_t, decltype(write)::value, decltype(unscale)::value>(
+                                            call, steps, statistics, h, scale);
+                                      });
+                                    });
                                   });
 }
 

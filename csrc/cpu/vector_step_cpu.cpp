@@ -8,10 +8,13 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../ndadam_op.h"
+#include "../ndadam_rounding.h"
 #include "../ndadam_row_math.h"
 #include "ndadam_cpu_rows.h"
 
@@ -30,49 +33,66 @@ struct RowRun {
   int64_t end_row;
 };
 
-template <typename param_t>
+// One call's tensors as raw pointers, for a kernel that writes rows with `kWrite` and unscales
+// gradients when `kUnscale`. `sources` are where rows are read from: the params, or their
+// master copies (kMasterAndParam).
+template <typename param_t, cpu::RowWrite kWrite, bool kUnscale>
 struct Work {
   using acc_t = at::opmath_type<param_t>;
+  using source_t = std::conditional_t<kWrite == cpu::RowWrite::kMasterAndParam, acc_t, param_t>;
   std::vector<param_t*> params;
+  std::vector<const source_t*> sources;
+  std::vector<acc_t*> masters;
   std::vector<const param_t*> grads;
   std::vector<acc_t*> exp_avgs;
   std::vector<acc_t*> exp_avg_sqs;
   std::vector<int64_t> row_lengths;
   std::vector<StepScalars<acc_t>> scalars;
+  std::vector<uint32_t> rounding_keys;
   std::vector<RowRun> runs;
   int64_t single_pass_limit;
+  acc_t grad_scale;
 
-  cpu::NextRow<param_t, acc_t> row_pointers(int64_t tensor, int64_t row) const {
+  cpu::NextRow<source_t, param_t, acc_t> row_pointers(int64_t tensor, int64_t row) const {
     const int64_t offset = row * row_lengths[tensor];
-    return {params[tensor] + offset, grads[tensor] + offset, exp_avgs[tensor] + offset};
+    return {sources[tensor] + offset, grads[tensor] + offset, exp_avgs[tensor] + offset};
   }
 };
 
 // Runs [begin, end) of one thread. Inlined into one copy per instruction set below.
-template <typename param_t>
-NDADAM_ALWAYS_INLINE void step_runs(const Work<param_t>& work, int64_t begin, int64_t end) {
+template <typename param_t, cpu::RowWrite kWrite, bool kUnscale>
+NDADAM_ALWAYS_INLINE void step_runs(const Work<param_t, kWrite, kUnscale>& work, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<param_t>;
+  using source_t = typename Work<param_t, kWrite, kUnscale>::source_t;
   for (int64_t r = begin; r < end; ++r) {
     const RowRun& run = work.runs[r];
-    const int64_t length = work.row_lengths[run.tensor];
+    const int64_t tensor = run.tensor;
+    const int64_t length = work.row_lengths[tensor];
     for (int64_t row = run.first_row; row < run.end_row; ++row) {
       // The next row this thread steps, for the kernel to prefetch.
-      cpu::NextRow<param_t, acc_t> next;
+      cpu::NextRow<source_t, param_t, acc_t> next;
       if (row + 1 < run.end_row) {
-        next = work.row_pointers(run.tensor, row + 1);
+        next = work.row_pointers(tensor, row + 1);
       } else if (r + 1 < end) {
         next = work.row_pointers(work.runs[r + 1].tensor, work.runs[r + 1].first_row);
       }
       const int64_t offset = row * length;
-      cpu::row_step<param_t, acc_t>(work.params[run.tensor] + offset, work.grads[run.tensor] + offset,
-                                    work.exp_avgs[run.tensor] + offset, work.exp_avg_sqs[run.tensor] + row, length,
-                                    work.single_pass_limit, work.scalars[run.tensor], next);
+      cpu::RowWriter<param_t, acc_t, kWrite> write{work.params[tensor] + offset};
+      if constexpr (kWrite == cpu::RowWrite::kMasterAndParam) {
+        write.master = work.masters[tensor] + offset;
+      } else if constexpr (kWrite == cpu::RowWrite::kStochasticParam) {
+        write.key = work.rounding_keys[tensor];
+        write.first_index = offset;
+      }
+      const cpu::Gradient<param_t, acc_t, kUnscale> grad{work.grads[tensor] + offset, work.grad_scale};
+      cpu::row_step(work.sources[tensor] + offset, grad, work.exp_avgs[tensor] + offset,
+                    work.exp_avg_sqs[tensor] + row, length, work.single_pass_limit, work.scalars[tensor], write, next);
     }
   }
 }
 
-template <typename param_t>
-void step_runs_baseline(const Work<param_t>& work, int64_t begin, int64_t end) {
+template <typename param_t, cpu::RowWrite kWrite, bool kUnscale>
+void step_runs_baseline(const Work<param_t, kWrite, kUnscale>& work, int64_t begin, int64_t end) {
   step_runs(work, begin, end);
 }
 
@@ -82,15 +102,15 @@ void step_runs_baseline(const Work<param_t>& work, int64_t begin, int64_t end) {
 // SSE2 0.83, AVX2 0.96-0.99, AVX-512 1.01-1.06 G elements/s.
 #if defined(__GNUC__) && defined(__x86_64__)
 #define NDADAM_X86_COPIES 1
-template <typename param_t>
-__attribute__((target("arch=x86-64-v4"))) void step_runs_x86_64_v4(const Work<param_t>& work, int64_t begin,
-                                                                    int64_t end) {
+template <typename param_t, cpu::RowWrite kWrite, bool kUnscale>
+__attribute__((target("arch=x86-64-v4"))) void step_runs_x86_64_v4(const Work<param_t, kWrite, kUnscale>& work,
+                                                                    int64_t begin, int64_t end) {
   step_runs(work, begin, end);
 }
 
-template <typename param_t>
-__attribute__((target("arch=x86-64-v3"))) void step_runs_x86_64_v3(const Work<param_t>& work, int64_t begin,
-                                                                    int64_t end) {
+template <typename param_t, cpu::RowWrite kWrite, bool kUnscale>
+__attribute__((target("arch=x86-64-v3"))) void step_runs_x86_64_v3(const Work<param_t, kWrite, kUnscale>& work,
+                                                                    int64_t begin, int64_t end) {
   step_runs(work, begin, end);
 }
 
@@ -135,24 +155,42 @@ InstructionSet chosen_instruction_set() {
   return chosen;
 }
 
-template <typename param_t>
-void update_rows(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                 const std::vector<double>& steps, double lr, double beta1, double beta2, double eps,
+// What a call holds besides the tensors: the step's scalars and GradScaler's scale, read on the host.
+struct CallScalars {
+  double lr, beta1, beta2, eps;
+  double grad_scale;  // 1 without a GradScaler
+  bool unscale;
+};
+
+template <typename param_t, cpu::RowWrite kWrite, bool kUnscale>
+void update_rows(const VectorStepTensors& call, const std::vector<float>& steps, const CallScalars& scalars,
                  int64_t single_pass_limit, InstructionSet instruction_set) {
   using acc_t = at::opmath_type<param_t>;
-  const int64_t tensors = static_cast<int64_t>(params.size());
+  const int64_t tensors = static_cast<int64_t>(call.params.size());
 
-  Work<param_t> work;
+  Work<param_t, kWrite, kUnscale> work;
   work.single_pass_limit = single_pass_limit;
+  work.grad_scale = static_cast<acc_t>(scalars.grad_scale);
   for (int64_t i = 0; i < tensors; ++i) {
-    work.params.push_back(params[i].data_ptr<param_t>());
-    work.grads.push_back(grads[i].const_data_ptr<param_t>());
-    work.exp_avgs.push_back(exp_avgs[i].data_ptr<acc_t>());
-    work.exp_avg_sqs.push_back(exp_avg_sqs[i].data_ptr<acc_t>());
-    work.row_lengths.push_back(row_length(params[i]));
-    work.scalars.push_back(make_step_scalars<acc_t>(lr, beta1, beta2, eps, steps[i]));
-    const int64_t rows = row_count(params[i]);
-    const int64_t length = row_length(params[i]);
+    param_t* param = call.params[i].data_ptr<param_t>();
+    work.params.push_back(param);
+    if constexpr (kWrite == cpu::RowWrite::kMasterAndParam) {
+      acc_t* master = call.master_params[i].data_ptr<acc_t>();
+      work.masters.push_back(master);
+      work.sources.push_back(master);
+    } else {
+      work.sources.push_back(param);
+    }
+    if constexpr (kWrite == cpu::RowWrite::kStochasticParam) {
+      work.rounding_keys.push_back(rounding::step_key(*call.rounding_seeds[i].const_data_ptr<int64_t>(), steps[i]));
+    }
+    work.grads.push_back(call.grads[i].const_data_ptr<param_t>());
+    work.exp_avgs.push_back(call.exp_avgs[i].data_ptr<acc_t>());
+    work.exp_avg_sqs.push_back(call.exp_avg_sqs[i].data_ptr<acc_t>());
+    work.row_lengths.push_back(row_length(call.params[i]));
+    work.scalars.push_back(make_step_scalars<acc_t>(scalars.lr, scalars.beta1, scalars.beta2, scalars.eps, steps[i]));
+    const int64_t rows = row_count(call.params[i]);
+    const int64_t length = row_length(call.params[i]);
     if (rows == 0 || length == 0) {
       continue;
     }
@@ -177,27 +215,67 @@ void update_rows(at::TensorList params, at::TensorList grads, at::TensorList exp
   });
 }
 
+// The kernel for this call's way of writing rows and of reading gradients. Master copies exist
+// for bf16/fp16 params only and stochastic rounding for bf16 (the argument checks refused the
+// rest): only those kernels are compiled.
+template <typename param_t>
+void update_rows_for_options(const VectorStepTensors& call, const std::vector<float>& steps,
+                             const CallScalars& scalars, int64_t single_pass_limit, InstructionSet instruction_set) {
+  auto with_unscale = [&](auto write) {
+    constexpr cpu::RowWrite kWrite = decltype(write)::value;
+    if (scalars.unscale) {
+      update_rows<param_t, kWrite, true>(call, steps, scalars, single_pass_limit, instruction_set);
+    } else {
+      update_rows<param_t, kWrite, false>(call, steps, scalars, single_pass_limit, instruction_set);
+    }
+  };
+  using Write = cpu::RowWrite;
+  if constexpr (std::is_same_v<param_t, at::BFloat16> || std::is_same_v<param_t, at::Half>) {
+    if (!call.master_params.empty()) {
+      return with_unscale(std::integral_constant<Write, Write::kMasterAndParam>{});
+    }
+  }
+  if constexpr (std::is_same_v<param_t, at::BFloat16>) {
+    if (!call.rounding_seeds.empty()) {
+      return with_unscale(std::integral_constant<Write, Write::kStochasticParam>{});
+    }
+  }
+  with_unscale(std::integral_constant<Write, Write::kParam>{});
+}
+
 void vector_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList state_steps, const at::Tensor& lr, double beta1,
-                     double beta2, double eps, int64_t max_single_pass_row_length) {
-  check_vector_step_arguments(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
-                              max_single_pass_row_length, c10::DeviceType::CPU);
+                     at::TensorList exp_avg_sqs, at::TensorList state_steps, const at::Tensor& hyper,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                     at::TensorList master_params, at::TensorList rounding_seeds,
+                     int64_t max_single_pass_row_length) {
+  const VectorStepTensors call{params, grads, exp_avgs, exp_avg_sqs, state_steps, master_params, rounding_seeds};
+  check_vector_step_arguments(call, hyper, grad_scale, found_inf, max_single_pass_row_length, c10::DeviceType::CPU);
+  // On the CPU the hyperparameters are read here, on the host, and checked like the rest.
+  const HostHyperparameters h = read_and_check_hyperparameters(hyper);
   if (params.empty()) {
     return;
   }
-  const double lr_value = lr.item<double>();
   const InstructionSet instruction_set = chosen_instruction_set();
+  // GradScaler found an inf or a NaN: nothing changes, step counts included.
+  if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) {
+    return;
+  }
+  CallScalars scalars{h.lr, h.beta1, h.beta2, h.eps, 1.0, false};
+  if (grad_scale.has_value()) {
+    scalars.grad_scale = static_cast<double>(*grad_scale->const_data_ptr<float>());
+    scalars.unscale = true;
+  }
   // Everything is checked: from here on the op runs to the end.
-  std::vector<double> steps(params.size());
+  std::vector<float> steps(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     float* step = state_steps[i].data_ptr<float>();
     // In float32, as the reference increments its float32 step tensor.
     *step = *step + 1.0f;
-    steps[i] = static_cast<double>(*step);
+    steps[i] = *step;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "ndadam_fused::vector_step_", [&] {
-    update_rows<scalar_t>(params, grads, exp_avgs, exp_avg_sqs, steps, lr_value, beta1, beta2, eps,
-                          resolve_single_pass_limit(max_single_pass_row_length), instruction_set);
+    update_rows_for_options<scalar_t>(call, steps, scalars, resolve_single_pass_limit(max_single_pass_row_length),
+                                      instruction_set);
   });
 }
 

@@ -19,6 +19,14 @@
 //   4. the row math of ndadam_row_math.h with team sums (warp shuffles; shared memory for teams
 //      of several warps); m', v', w' stored once. Statistics path: scalars, then two sweeps.
 //
+// Options (LaunchArguments): the hyperparameters (lr, β1, β2, ε) are read from their float64
+// tensor on the device, GradScaler's scale and found_inf from theirs (a CUDA graph that captured
+// a launch sees new values at every replay). found_inf nonzero: every thread returns at once,
+// nothing is written, no step is counted. With a scale, ḡ = grad / scale per element in acc_t.
+// How rows are written is a template parameter (RowWrite, ndadam_row_math.h): the param; or the
+// fp32 master copy, which is also where rows are read from, and the param rounded to nearest; or
+// the param rounded stochastically (ndadam_rounding.h) with the tensor's seed and step.
+//
 // Step counts: every warp reads its tensor's float32 step (t = step + 1 for the bias
 // corrections). At the end of the block, after a barrier (so that every warp of the block has
 // read it), one thread per tensor present in the block counts the block in, and the last block
@@ -28,6 +36,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../ndadam_rounding.h"
 #include "../ndadam_row_math.h"
 #include "ndadam_cuda_plan.h"
 
@@ -159,15 +168,40 @@ constexpr int kStagedElements = kMaxElementsPerThread * kThreadsPerBlock;
 template <typename acc_t>
 constexpr bool kGradInRegisters = sizeof(acc_t) == 8;
 
-// The block's shared memory (dynamic): 98 KiB in fp32, 66 KiB in bf16 and fp16, 131 KiB in fp64.
-template <typename param_t, typename acc_t>
+// x / scale as unscale (below) computes it, from scale and its float64 reciprocal.
+NDADAM_DEVICE_INLINE float scaled_down(float x, double /*scale*/, double reciprocal) {
+  return static_cast<float>(static_cast<double>(x) * reciprocal);
+}
+NDADAM_DEVICE_INLINE double scaled_down(double x, double /*scale*/, double reciprocal) { return x * reciprocal; }
+
+// A sum over a row's gradient as stored, times 1/scale (or 1/scale²): the sum over ḡ.
+template <typename acc_t>
+NDADAM_DEVICE_INLINE acc_t unscaled_sum(acc_t sum, double factor) {
+  return static_cast<acc_t>(static_cast<double>(sum) * factor);
+}
+
+// Where rows are read from: the master copy (acc_t) when the kernel writes master copies, else
+// the param.
+template <typename param_t, typename acc_t, RowWrite kWrite>
+using RowSource = std::conditional_t<kWrite == RowWrite::kMasterAndParam, acc_t, param_t>;
+
+// The block's shared memory (dynamic): 98 KiB in fp32, 66 KiB in bf16 and fp16 (82 KiB with master
+// copies, whose rows are staged in fp32), 131 KiB in fp64.
+template <typename param_t, typename acc_t, RowWrite kWrite = RowWrite::kParam>
 struct SharedStorage {
-  // Exact path: w, ḡ (not in fp64) and m, each thread's chunk c at staged_index(c).
-  alignas(16) BlockShared<param_t, kStagedElements> staged_w;
+  using source_t = RowSource<param_t, acc_t, kWrite>;
+  // Exact path: w (from its source), ḡ (not in fp64) and m, each thread's chunk c at staged_index(c).
+  alignas(16) BlockShared<source_t, kStagedElements> staged_w;
   alignas(16) BlockShared<param_t, kGradInRegisters<acc_t> ? 1 : kStagedElements> staged_grad;
   alignas(16) BlockShared<acc_t, kStagedElements> staged_m;
   BlockShared<acc_t, kSumSlots * kWarpsPerBlock> warp_partials;
   BlockShared<StepScalars<acc_t>, kWarpsPerBlock> warp_scalars;
+  // GradScaler's scale of this step (1 without one) and its reciprocal in float64 (see unscale),
+  // and the stochastic-rounding key of each warp's tensor at this step, published with the step
+  // scalars.
+  BlockShared<double, kWarpsPerBlock> warp_grad_scale;
+  BlockShared<double, kWarpsPerBlock> warp_grad_scale_reciprocal;
+  BlockShared<uint32_t, kWarpsPerBlock> warp_rounding_key;
   // What lane 0 of each warp needs again at the end of the block (the step count), kept here
   // rather than in registers across the row math.
   BlockShared<int32_t, kWarpsPerBlock> warp_entry;
@@ -185,19 +219,22 @@ NDADAM_DEVICE_INLINE int staged_index(int chunk) {
   return warp * (kMaxElementsPerThread * kWarpSize) + (chunk * kWarpSize + lane) * VEC;
 }
 
-// The kernel's arguments: the cached table's parts, this launch's gradients, the hyperparameters.
+// The kernel's arguments: the cached table's parts, this launch's gradients, the options.
 struct LaunchArguments {
   const TensorEntry* entries;
   const int64_t* first_warp;   // [tensors + 1]: prefix sum of warps per entry
   int32_t* arrivals;           // [tensors]: blocks counted in so far; zero between launches
   const void* const* grads;    // [tensors]: this launch's gradient of each entry
-  const void* lr;              // one float32 or float64 on the device
-  double beta1;
-  double beta2;
-  double eps;
+  const double* hyper;         // [4] on the device: lr, β1, β2, ε
+  const float* grad_scale;     // GradScaler's scale on the device, or null
+  const float* found_inf;      // GradScaler's flag on the device, or null
   int32_t tensors;
-  int32_t lr_is_double;
 };
+
+// Whether GradScaler found an inf or a NaN in this step's gradients: then nothing changes.
+NDADAM_DEVICE_INLINE bool step_is_skipped(const LaunchArguments& args) {
+  return args.found_inf != nullptr && *args.found_inf != 0.0f;
+}
 
 // Elements [start, start + VEC) of a row, as acc_t (the statistics path's sweeps; start is a
 // multiple of VEC, which divides the row length, so the chunk is whole).
@@ -230,26 +267,93 @@ NDADAM_DEVICE_INLINE void store_elements(T* __restrict__ row, int64_t start, con
   }
 }
 
+// Elements [start, start + VEC) of a bf16 row, rounded stochastically (ndadam_rounding.h): element
+// k of the row is element first_index + k of the tensor. The hash takes the index mod 2^32, so it
+// is counted in 32 bits; the rounded value's upper 16 bits are the bf16's bits.
+template <int VEC, typename T, typename acc_t>
+NDADAM_DEVICE_INLINE void store_stochastically_rounded(T* __restrict__ row, int64_t start, const acc_t* values,
+                                                       uint32_t key, int64_t first_index) {
+  static_assert(sizeof(T) == 2, "stochastic rounding writes bf16 params");
+  constexpr int kPiece = kPieceElements<VEC, T>;
+  const uint32_t index = static_cast<uint32_t>(first_index) + static_cast<uint32_t>(start);
+#pragma unroll
+  for (int p = 0; p < VEC; p += kPiece) {
+    Pack<T, kPiece> pack;
+#pragma unroll
+    for (int j = 0; j < kPiece; ++j) {
+      const float x = static_cast<float>(values[p + j]);
+      const uint32_t random = rounding::random_bits(key, index + static_cast<uint32_t>(p + j));
+      const uint16_t bits = static_cast<uint16_t>(rounding::bits_of(rounding::stochastically_rounded(x, random)) >> 16);
+      memcpy(&pack.value[j], &bits, sizeof(bits));
+    }
+    NDADAM_CHECK_ALIGNED(row + start + p, sizeof(T) * kPiece);
+    *reinterpret_cast<Pack<T, kPiece>*>(row + start + p) = pack;
+  }
+}
+
+// Where a row's new values go, as kWrite says (master copy and param: the param gets them rounded
+// to nearest by store_elements' conversion).
+template <RowWrite kWrite, int VEC, typename param_t, typename acc_t>
+NDADAM_DEVICE_INLINE void write_row_elements(param_t* __restrict__ param_row,
+                                             acc_t* __restrict__ master_row, int64_t start, const acc_t* values,
+                                             uint32_t rounding_key, int64_t first_index) {
+  if constexpr (kWrite == RowWrite::kMasterAndParam) {
+    store_elements<VEC>(master_row, start, values);
+    store_elements<VEC>(param_row, start, values);
+  } else if constexpr (kWrite == RowWrite::kStochasticParam) {
+    store_stochastically_rounded<VEC>(param_row, start, values, rounding_key, first_index);
+  } else {
+    store_elements<VEC>(param_row, start, values);
+  }
+}
+
 // The step's scalars for this warp's tensor, into the warp's slot of shared memory (read where
 // the row math needs them, so that they hold no registers meanwhile). β1^t and β2^t are two
 // fp64 pows: lane parity picks the base, so the warp pays for one pow, not two in a row.
 // Called by all 32 lanes.
-template <typename param_t, typename acc_t>
-NDADAM_DEVICE_INLINE void publish_step_scalars(const LaunchArguments& args, float step,
-                                               SharedStorage<param_t, acc_t>& shared) {
+// `Shared`: the kernel's shared storage (SharedStorage here, the rows-split kernels' own), which
+// has these per-warp arrays.
+template <typename acc_t, RowWrite kWrite, typename Shared>
+NDADAM_DEVICE_INLINE void publish_step_scalars(const LaunchArguments& args, const TensorEntry& e, float step,
+                                               Shared& shared) {
   const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
   // float32 step + 1, as the reference increments its float32 step tensor.
-  const double t = static_cast<double>(step + 1.0f);
-  const double power = pow((lane & 1) ? args.beta2 : args.beta1, t);
+  const float t = step + 1.0f;
+  const double power = pow(args.hyper[(lane & 1) ? 2 : 1], static_cast<double>(t));
   const double beta1_power = __shfl_sync(kFullWarp, power, 0);
   const double beta2_power = __shfl_sync(kFullWarp, power, 1);
   if (lane == 0) {
-    const double lr = args.lr_is_double ? *static_cast<const double*>(args.lr)
-                                        : static_cast<double>(*static_cast<const float*>(args.lr));
-    shared.warp_scalars[threadIdx.x / kWarpSize] =
-        make_step_scalars_from_powers<acc_t>(lr, args.beta1, args.beta2, args.eps, beta1_power, beta2_power);
+    const double* h = args.hyper;
+    shared.warp_scalars[warp] = make_step_scalars_from_powers<acc_t>(h[0], h[1], h[2], h[3], beta1_power, beta2_power);
+    const double scale = args.grad_scale != nullptr ? static_cast<double>(*args.grad_scale) : 1.0;
+    shared.warp_grad_scale[warp] = scale;
+    shared.warp_grad_scale_reciprocal[warp] = 1.0 / scale;
+    if constexpr (kWrite == RowWrite::kStochasticParam) {
+      shared.warp_rounding_key[warp] = e.rounding_seed != nullptr ? rounding::step_key(*e.rounding_seed, t) : 0u;
+    }
   }
   __syncwarp();
+}
+
+// ḡ = grad / scale from the gradient as stored, when there is a GradScaler (a branch the whole
+// grid takes alike: no extra work without one). The reference divides; an IEEE division per
+// element would cost this kernel its registers (ptxas spills the division's slow path), so:
+// - fp32 (acc_t of fp32, bf16 and fp16 params): grad times the float64 reciprocal 1/scale,
+//   rounded to fp32. That product is within 2^-52 of grad / scale, closer than any quotient of two
+//   fp32 numbers comes to an fp32 rounding midpoint, so it rounds to the same fp32 as the
+//   division, subnormal results included (tests/cpp checks it on 10^7 pairs);
+// - fp64: grad · (1/scale), the division's result for a power-of-two scale (GradScaler's: 2^16 at
+//   first, then doubled or halved), within one ulp of it for other scales (the reference's fp64
+//   tolerance is 1e-10); the correctly rounded quotient would spill here too.
+template <int VEC, typename acc_t>
+NDADAM_DEVICE_INLINE void unscale(acc_t* g, bool scaled, double scale, double reciprocal) {
+  if (scaled) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      g[j] = scaled_down(g[j], scale, reciprocal);
+    }
+  }
 }
 
 // Sum over a team of threads; every thread of the team ends with the same bits.
@@ -260,9 +364,9 @@ NDADAM_DEVICE_INLINE void publish_step_scalars(const LaunchArguments& args, floa
 // it the same number of times (it holds a barrier), threads of idle warps (active false) get 0,
 // and each call uses its own slot of shared memory, so no second barrier guards its reuse.
 // Which of the two is the same for every warp of a block (block-rows entries own whole blocks).
-template <typename param_t, typename acc_t>
+template <typename acc_t, typename Shared>
 struct TeamSum {
-  SharedStorage<param_t, acc_t>& shared;
+  Shared& shared;  // a kernel's shared storage with kSumSlots * kWarpsPerBlock warp_partials
   int team;
   int first_warp;
   bool active;
@@ -299,10 +403,11 @@ struct TeamSum {
 // at once, and reads them back as the math needs them; registers hold m' (then w̄) only. An
 // inactive team (past the tensor's last row) sees a row of length 0: it loads and stores
 // nothing but joins the sums.
-template <int VEC, typename param_t, typename acc_t>
+template <int VEC, RowWrite kWrite, typename param_t, typename acc_t>
 NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, int64_t row, bool active,
                                     int32_t lane_in_team, int32_t first_warp, const LaunchArguments& args, float step,
-                                    SharedStorage<param_t, acc_t>& shared) {
+                                    SharedStorage<param_t, acc_t, kWrite>& shared) {
+  using source_t = RowSource<param_t, acc_t, kWrite>;
   constexpr int kChunks = kMaxElementsPerThread / VEC;
   constexpr bool kGradHeld = kGradInRegisters<acc_t>;
   const int32_t team = e.team_size;
@@ -310,18 +415,28 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
   const int32_t length = active ? static_cast<int32_t>(e.row_length) : 0;
   const int64_t offset = active ? row * e.row_length : 0;
   param_t* __restrict__ w_row = static_cast<param_t*>(e.param) + offset;
+  acc_t* __restrict__ master_row =
+      kWrite == RowWrite::kMasterAndParam ? static_cast<acc_t*>(e.master) + offset : nullptr;
+  const source_t* __restrict__ source_row;
+  if constexpr (kWrite == RowWrite::kMasterAndParam) {
+    source_row = master_row;
+  } else {
+    source_row = w_row;
+  }
   const param_t* __restrict__ grad_row = grad + offset;
   acc_t* __restrict__ m_row = static_cast<acc_t*>(e.exp_avg) + offset;
   acc_t* v_row = static_cast<acc_t*>(e.exp_avg_sq) + (active ? row : 0);
+  const bool scaled = args.grad_scale != nullptr;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
 
   acc_t values[kMaxElementsPerThread];  // ḡ (fp64 only), then m', then w̄, then w'
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
     const int32_t start = (c * team + lane_in_team) * VEC;
     if (start < length) {
-      NDADAM_CHECK_ALIGNED(w_row + start, (kPieceBytes<VEC, param_t>));
+      NDADAM_CHECK_ALIGNED(source_row + start, (kPieceBytes<VEC, source_t>));
       NDADAM_CHECK_ALIGNED(m_row + start, (kPieceBytes<VEC, acc_t>));
-      stage_async<VEC>(shared.staged_w, staged_index<VEC>(c), w_row + start);
+      stage_async<VEC>(shared.staged_w, staged_index<VEC>(c), source_row + start);
       stage_async<VEC>(shared.staged_m, staged_index<VEC>(c), m_row + start);
       if constexpr (!kGradHeld) {
         NDADAM_CHECK_ALIGNED(grad_row + start, (kPieceBytes<VEC, param_t>));
@@ -331,7 +446,7 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
   }
   // The step's scalars while the row is on its way (the copies hold no registers; in fp64, ḡ is
   // loaded into registers after the pow, which would otherwise have to keep them).
-  publish_step_scalars<param_t, acc_t>(args, step, shared);
+  publish_step_scalars<acc_t, kWrite>(args, e, step, shared);
   if constexpr (kGradHeld) {
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
@@ -347,7 +462,34 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
     }
   }
   wait_staged();
-  // Chunk c of ḡ, from registers or shared memory.
+  // Chunks past the row's end are absent: they were not staged and count as zeros.
+  auto present = [&](int c) { return (c * team + lane_in_team) * VEC < length; };
+  // fp32 params: ḡ is fp32 too, so each thread unscales its staged chunks in place, once (its own
+  // slots: no other thread touches them), and the sweeps below read ḡ as staged.
+  constexpr bool kUnscaleStaged = !kGradHeld && std::is_same_v<param_t, acc_t>;
+  if constexpr (kGradHeld) {
+    unscale<kMaxElementsPerThread>(values, scaled, shared_element(shared.warp_grad_scale, warp),
+                                   shared_element(shared.warp_grad_scale_reciprocal, warp));
+  }
+  if constexpr (kUnscaleStaged) {
+    if (scaled) {
+      const double grad_scale = shared_element(shared.warp_grad_scale, warp);
+      const double reciprocal = shared_element(shared.warp_grad_scale_reciprocal, warp);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        if (present(c)) {
+          acc_t g[VEC];
+          read_staged<VEC>(shared.staged_grad, staged_index<VEC>(c), g);
+          unscale<VEC>(g, true, grad_scale, reciprocal);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            shared.staged_grad[staged_index<VEC>(c) + j] = g[j];
+          }
+        }
+      }
+    }
+  }
+  // Chunk c of ḡ, from registers (already divided) or shared memory.
   auto read_grad = [&](int c, acc_t* g) {
     if constexpr (kGradHeld) {
 #pragma unroll
@@ -356,12 +498,14 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
       }
     } else {
       read_staged<VEC>(shared.staged_grad, staged_index<VEC>(c), g);
+      if constexpr (!kUnscaleStaged) {
+        unscale<VEC>(g, scaled, shared_element(shared.warp_grad_scale, warp),
+                     shared_element(shared.warp_grad_scale_reciprocal, warp));
+      }
     }
   };
 
-  // Chunks past the row's end are absent: they were not staged and count as zeros.
-  auto present = [&](int c) { return (c * team + lane_in_team) * VEC < length; };
-  TeamSum<param_t, acc_t> team_sum{shared, team, first_warp, active, 0};
+  TeamSum<acc_t, SharedStorage<param_t, acc_t, kWrite>> team_sum{shared, team, first_warp, active, 0};
   acc_t partial = 0;
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
@@ -376,7 +520,7 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
     }
   }
   const acc_t grad_dot_w = team_sum(partial);
-  const StepScalars<acc_t>& k = shared_element(shared.warp_scalars, threadIdx.x / kWarpSize);
+  const StepScalars<acc_t>& k = shared_element(shared.warp_scalars, warp);
 
   partial = 0;
 #pragma unroll
@@ -414,6 +558,7 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
   const acc_t s = step_size(v_new, k);
 
   partial = 0;
+  acc_t magnitude = 0;  // Σ|m'|: 0 exactly when the update is (see row_scale)
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
     acc_t w[VEC];
@@ -427,12 +572,23 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
     }
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      values[c * VEC + j] = unnormalized_weight(w[j], values[c * VEC + j], s);
+      const acc_t m_new = values[c * VEC + j];
+      magnitude += m_new < acc_t(0) ? -m_new : m_new;
+      values[c * VEC + j] = unnormalized_weight(w[j], m_new, s);
       partial += values[c * VEC + j] * values[c * VEC + j];
     }
   }
-  const acc_t scale = inverse_norm(team_sum(partial));
+  const acc_t w_bar_sq_norm = team_sum(partial);
+  const acc_t scale = row_scale(w_bar_sq_norm, team_sum(magnitude), k);
+  // Every lane of the team read v before the last sum, so one may overwrite it now (before the
+  // stores of the row: v' then holds no registers across them).
+  if (active && lane_in_team == 0) {
+    *v_row = v_new;
+  }
   param_t* w_store = recomputed(w_row);
+  acc_t* master_store = recomputed(master_row);
+  const uint32_t rounding_key =
+      kWrite == RowWrite::kStochasticParam ? uint32_t(shared_element(shared.warp_rounding_key, warp)) : 0u;
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
     if (present(c)) {
@@ -440,33 +596,42 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
       for (int j = 0; j < VEC; ++j) {
         values[c * VEC + j] *= scale;
       }
-      store_elements<VEC>(w_store, (c * team + lane_in_team) * VEC, &values[c * VEC]);
+      write_row_elements<kWrite, VEC>(w_store, master_store, (c * team + lane_in_team) * VEC, &values[c * VEC],
+                                      rounding_key, offset);
     }
-  }
-  // Every lane of the team read v before the last sum, so one may overwrite it now.
-  if (active && lane_in_team == 0) {
-    *v_row = v_new;
   }
 }
 
 // The statistics path: the block's one row, in two sweeps, the six sums reduced together.
-template <int VEC, typename param_t, typename acc_t>
+template <int VEC, RowWrite kWrite, typename param_t, typename acc_t>
 NDADAM_DEVICE_INLINE void statistics_row(const TensorEntry& e, const param_t* grad, int64_t row,
                                          const LaunchArguments& args, float step,
-                                         SharedStorage<param_t, acc_t>& shared) {
-  publish_step_scalars<param_t, acc_t>(args, step, shared);
+                                         SharedStorage<param_t, acc_t, kWrite>& shared) {
+  using source_t = RowSource<param_t, acc_t, kWrite>;
+  publish_step_scalars<acc_t, kWrite>(args, e, step, shared);
   const int64_t length = e.row_length;
-  param_t* __restrict__ w_row = static_cast<param_t*>(e.param) + row * length;
-  const param_t* __restrict__ grad_row = grad + row * length;
-  acc_t* __restrict__ m_row = static_cast<acc_t*>(e.exp_avg) + row * length;
+  const int64_t offset = row * length;
+  param_t* __restrict__ w_row = static_cast<param_t*>(e.param) + offset;
+  acc_t* __restrict__ master_row =
+      kWrite == RowWrite::kMasterAndParam ? static_cast<acc_t*>(e.master) + offset : nullptr;
+  const source_t* __restrict__ source_row;
+  if constexpr (kWrite == RowWrite::kMasterAndParam) {
+    source_row = master_row;
+  } else {
+    source_row = w_row;
+  }
+  const param_t* __restrict__ grad_row = grad + offset;
+  acc_t* __restrict__ m_row = static_cast<acc_t*>(e.exp_avg) + offset;
   acc_t* v_row = static_cast<acc_t*>(e.exp_avg_sq) + row;
   const acc_t v = *v_row;
+  const bool scaled = args.grad_scale != nullptr;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
 
   acc_t sums[kSumSlots] = {0, 0, 0, 0, 0, 0};  // ḡ·w, ḡ·ḡ, w·w, m·w, m·m, m·ḡ
 #pragma unroll 1
   for (int64_t start = int64_t(threadIdx.x) * VEC; start < length; start += int64_t(kThreadsPerBlock) * VEC) {
     acc_t w[VEC], g[VEC], m[VEC];
-    load_elements<VEC>(w_row, start, w);
+    load_elements<VEC>(source_row, start, w);
     load_elements<VEC>(grad_row, start, g);
     load_elements<VEC>(m_row, start, m);
 #pragma unroll
@@ -498,15 +663,24 @@ NDADAM_DEVICE_INLINE void statistics_row(const TensorEntry& e, const param_t* gr
     }
     sums[s] = total;
   }
-  const RowStatistics<acc_t> stats{sums[0], sums[1], sums[2], sums[3], sums[4], sums[5]};
-  const StepScalars<acc_t>& k = shared_element(shared.warp_scalars, threadIdx.x / kWarpSize);
+  // The sums of the first sweep are of the gradient as stored (the sweep holds no registers for
+  // unscaling): ḡ·w, ḡ·ḡ and m·ḡ are those sums over scale, scale² and scale, exactly the sums of
+  // the per-element quotients for a power-of-two scale (GradScaler's), within rounding for others.
+  const double reciprocal = scaled ? shared_element(shared.warp_grad_scale_reciprocal, warp) : 1.0;
+  const RowStatistics<acc_t> stats{unscaled_sum(sums[0], reciprocal), unscaled_sum(sums[1], reciprocal * reciprocal),
+                                   sums[2], sums[3], sums[4], unscaled_sum(sums[5], reciprocal)};
+  const StepScalars<acc_t>& k = shared_element(shared.warp_scalars, warp);
   const RowUpdate<acc_t> update = update_from_statistics(stats, v, k);
+  const uint32_t rounding_key =
+      kWrite == RowWrite::kStochasticParam ? uint32_t(shared_element(shared.warp_rounding_key, warp)) : 0u;
 
 #pragma unroll 1
   for (int64_t start = int64_t(threadIdx.x) * VEC; start < length; start += int64_t(kThreadsPerBlock) * VEC) {
     acc_t w[VEC], g[VEC], m[VEC];
-    load_elements<VEC>(w_row, start, w);
+    load_elements<VEC>(source_row, start, w);
     load_elements<VEC>(grad_row, start, g);
+    unscale<VEC>(g, scaled, shared_element(shared.warp_grad_scale, warp),
+                 shared_element(shared.warp_grad_scale_reciprocal, warp));
     load_elements<VEC>(m_row, start, m);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
@@ -514,7 +688,7 @@ NDADAM_DEVICE_INLINE void statistics_row(const TensorEntry& e, const param_t* gr
       w[j] = unnormalized_weight(w[j], m[j], update.step_size) * update.inverse_norm;
     }
     store_elements<VEC>(m_row, start, m);
-    store_elements<VEC>(w_row, start, w);
+    write_row_elements<kWrite, VEC>(w_row, master_row, start, w, rounding_key, offset);
   }
   // Every thread read v before the barrier above.
   if (threadIdx.x == 0) {
@@ -523,15 +697,18 @@ NDADAM_DEVICE_INLINE void statistics_row(const TensorEntry& e, const param_t* gr
 }
 
 // Calls fn(std::integral_constant<int, VEC>) for the entry's vector width (1, 2, 4, or 8 where
-// 8 elements of param_t fit in 16 bytes).
-template <typename param_t, typename Fn>
+// 8 elements of param_t fit in 16 bytes), or for kMostElements where the entry's is wider (a
+// narrower access is valid wherever a wider one is: the row length and the alignments are
+// multiples of it).
+template <typename param_t, int kMostElements = 8, typename Fn>
 NDADAM_DEVICE_INLINE void with_vector_width(int32_t width, Fn&& fn) {
-  constexpr int kWidest = int(cuda_plan::kWidestAccessBytes / sizeof(param_t));
-  if (kWidest >= 8 && width == 8) {
+  constexpr int kFits = int(cuda_plan::kWidestAccessBytes / sizeof(param_t));
+  constexpr int kWidest = kFits < kMostElements ? kFits : kMostElements;
+  if (kWidest >= 8 && width >= 8) {
     fn(std::integral_constant<int, kWidest >= 8 ? 8 : 1>{});
-  } else if (kWidest >= 4 && width == 4) {
+  } else if (kWidest >= 4 && width >= 4) {
     fn(std::integral_constant<int, kWidest >= 4 ? 4 : 1>{});
-  } else if (width == 2) {
+  } else if (width >= 2) {
     fn(std::integral_constant<int, 2>{});
   } else {
     fn(std::integral_constant<int, 1>{});
@@ -556,27 +733,62 @@ NDADAM_DEVICE_INLINE int32_t entry_of_warp(const int64_t* __restrict__ first_war
 // Counts this block in for `tensor` if this warp is the tensor's first in the block (lane 0,
 // after the block's last barrier). The last block counted writes step + 1 (the value every
 // block read) and resets the counter for the next launch.
-NDADAM_DEVICE_INLINE void count_block_in(const LaunchArguments& args, int32_t tensor, float step) {
+NDADAM_DEVICE_INLINE void count_block_in(const TensorEntry* entries, const int64_t* first_warp, int32_t* arrivals,
+                                         int32_t tensor, float step) {
   const int warp = threadIdx.x / kWarpSize;
   const int64_t global_warp = int64_t(blockIdx.x) * kWarpsPerBlock + warp;
-  if (warp != 0 && args.first_warp[tensor] != global_warp) {
+  if (warp != 0 && first_warp[tensor] != global_warp) {
     return;
   }
-  const TensorEntry& e = args.entries[tensor];
+  const TensorEntry& e = entries[tensor];
   // The step reads of this block are done (barrier) before it is counted: the last block
   // counted overwrites the step.
   __threadfence();
-  if (atomicAdd(&args.arrivals[tensor], 1) == e.blocks_touched - 1) {
+  if (atomicAdd(&arrivals[tensor], 1) == e.blocks_touched - 1) {
     *e.step = step + 1.0f;  // float32, as the reference increments its float32 step
-    args.arrivals[tensor] = 0;  // ready for the next launch
+    arrivals[tensor] = 0;  // ready for the next launch
   }
+}
+
+// Which row of its tensor a thread works on, on the exact path's layouts (and the rows-split
+// kernels'): warp rows, 32 / team rows per warp; block rows, 32 / (team / 32) rows per block.
+struct TeamPlace {
+  int64_t row;
+  bool active;           // false: past the tensor's last row (or an idle warp of the block)
+  int32_t lane_in_team;
+  int32_t first_warp;    // the team's first warp in the block
+};
+
+NDADAM_DEVICE_INLINE TeamPlace team_place(const TensorEntry& e, int64_t warp_in_entry) {
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int32_t team = e.team_size;
+  TeamPlace place;
+  if (team <= kWarpSize) {
+    place.row = warp_in_entry * (kWarpSize / team) + lane / team;
+    place.active = place.row < e.rows;
+    place.lane_in_team = lane % team;
+    place.first_warp = warp;
+  } else {
+    const int32_t warps_per_team = team / kWarpSize;
+    const int32_t rows_per_block = kWarpsPerBlock / warps_per_team;
+    const int32_t team_in_block = warp / warps_per_team;
+    place.row = (warp_in_entry / kWarpsPerBlock) * rows_per_block + team_in_block;
+    place.active = team_in_block < rows_per_block && place.row < e.rows;
+    place.lane_in_team = (warp % warps_per_team) * kWarpSize + lane;
+    place.first_warp = team_in_block * warps_per_team;
+  }
+  return place;
 }
 
 // What block blockIdx.x does. Every thread of the block reaches the same barriers: a block-rows
 // or statistics entry owns whole blocks, so every warp of such a block takes the same path, and
-// warp-rows sums hold no barrier.
-template <typename param_t, typename acc_t>
-NDADAM_DEVICE_INLINE void vector_step_block(const LaunchArguments& args, SharedStorage<param_t, acc_t>& shared) {
+// warp-rows sums hold no barrier. A skipped step (found_inf) returns from every thread at once.
+template <typename param_t, typename acc_t, RowWrite kWrite = RowWrite::kParam>
+NDADAM_DEVICE_INLINE void vector_step_block(const LaunchArguments& args, SharedStorage<param_t, acc_t, kWrite>& shared) {
+  if (step_is_skipped(args)) {
+    return;
+  }
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t global_warp = int64_t(blockIdx.x) * kWarpsPerBlock + warp;
@@ -591,32 +803,19 @@ NDADAM_DEVICE_INLINE void vector_step_block(const LaunchArguments& args, SharedS
   }
 
   if (e.path != cuda_plan::kStatisticsRows) {
-    const int32_t team = e.team_size;
-    int64_t row;
-    bool active;
-    int32_t lane_in_team, first_warp;
-    if (team <= kWarpSize) {
-      row = warp_in_entry * (kWarpSize / team) + lane / team;
-      active = row < e.rows;
-      lane_in_team = lane % team;
-      first_warp = warp;
-    } else {
-      const int32_t warps_per_team = team / kWarpSize;
-      const int32_t rows_per_block = kWarpsPerBlock / warps_per_team;
-      const int32_t team_in_block = warp / warps_per_team;
-      row = (warp_in_entry / kWarpsPerBlock) * rows_per_block + team_in_block;
-      active = team_in_block < rows_per_block && row < e.rows;
-      lane_in_team = (warp % warps_per_team) * kWarpSize + lane;
-      first_warp = team_in_block * warps_per_team;
-    }
+    const TeamPlace place = team_place(e, warp_in_entry);
     with_vector_width<param_t>(e.vector_width, [&](auto vec) {
-      exact_row<decltype(vec)::value, param_t, acc_t>(e, grad, row, active, lane_in_team, first_warp, args, step,
-                                                      shared);
+      exact_row<decltype(vec)::value, kWrite, param_t, acc_t>(e, grad, place.row, place.active, place.lane_in_team,
+                                                              place.first_warp, args, step, shared);
     });
   } else {
     const int64_t row = warp_in_entry / kWarpsPerBlock;
-    with_vector_width<param_t>(e.vector_width, [&](auto vec) {
-      statistics_row<decltype(vec)::value, param_t, acc_t>(e, grad, row, args, step, shared);
+    // Stochastic rounding and master copies: at most 4 elements per access on this path (8 bytes
+    // of a 16-bit param, 16 of the fp32 arrays): the hashes of 8 elements would not fit 64
+    // registers on sm_80, and both kernels sum a row alike (the C++ tests compare them bit for bit).
+    constexpr int kMostElements = kWrite == RowWrite::kParam ? 8 : 4;
+    with_vector_width<param_t, kMostElements>(e.vector_width, [&](auto vec) {
+      statistics_row<decltype(vec)::value, kWrite, param_t, acc_t>(e, grad, row, args, step, shared);
     });
   }
 
@@ -624,7 +823,8 @@ NDADAM_DEVICE_INLINE void vector_step_block(const LaunchArguments& args, SharedS
   // of each entry in the block counts the block in for that entry.
   __syncthreads();
   if (lane == 0) {
-    count_block_in(args, shared_element(shared.warp_entry, warp), shared_element(shared.warp_step, warp));
+    count_block_in(args.entries, args.first_warp, args.arrivals, shared_element(shared.warp_entry, warp),
+                   shared_element(shared.warp_step, warp));
   }
 }
 

@@ -66,6 +66,8 @@ struct TensorEntry {
   void* exp_avg;
   void* exp_avg_sq;
   float* step;
+  void* master;                 // its fp32 master copy (kernels that write master copies), else null
+  const int64_t* rounding_seed;  // its stochastic-rounding seed (kernels that round so), else null
   int64_t rows;        // 0: nothing to update (its step still counts)
   int64_t row_length;
   int32_t path;        // RowPath
@@ -73,7 +75,7 @@ struct TensorEntry {
   int32_t vector_width;  // elements per access: 1, 2, 4 or 8, dividing row_length
   int32_t blocks_touched;  // blocks holding a warp of this tensor: arrivals before the step is written
 };
-static_assert(sizeof(TensorEntry) == 64, "the table layout below assumes 64-byte entries");
+static_assert(sizeof(TensorEntry) == 80, "the table layout below assumes 80-byte entries");
 
 // What the plan needs to know of one tensor of the call.
 struct TensorArguments {
@@ -84,6 +86,8 @@ struct TensorArguments {
   float* step;
   int64_t rows;
   int64_t row_length;
+  void* master = nullptr;
+  const int64_t* rounding_seed = nullptr;
 };
 
 // Thread slots of a plan (threads launched x elements each could hold): idle = 1 - elements / slots.
@@ -109,15 +113,17 @@ inline bool aligned_to(const void* pointer, int64_t bytes) {
 }
 
 // The widest access (in elements) every row of the tensor allows: the row length a multiple of
-// it, every base address aligned to it, at most 16 bytes of the param type. exp_avg (acc_t) is
-// read in pieces of at most 16 bytes, so it needs only min(16, width * acc_size) alignment.
+// it, every base address aligned to it, at most 16 bytes of the param type. exp_avg and the
+// master copy (acc_t) are read in pieces of at most 16 bytes, so they need only
+// min(16, width * acc_size) alignment.
 inline int32_t widest_vector_width(const TensorArguments& t, int param_size, int acc_size) {
   int32_t width = 1;
   for (int32_t candidate = 2; candidate <= 8; candidate *= 2) {
     const int64_t param_bytes = int64_t(candidate) * param_size;
     const int64_t acc_bytes = std::min<int64_t>(kWidestAccessBytes, int64_t(candidate) * acc_size);
     if (param_bytes > kWidestAccessBytes || t.row_length % candidate != 0 || !aligned_to(t.param, param_bytes) ||
-        !aligned_to(t.grad, param_bytes) || !aligned_to(t.exp_avg, acc_bytes)) {
+        !aligned_to(t.grad, param_bytes) || !aligned_to(t.exp_avg, acc_bytes) ||
+        (t.master != nullptr && !aligned_to(t.master, acc_bytes))) {
       break;
     }
     width = candidate;
@@ -132,8 +138,11 @@ inline int32_t widest_vector_width(const TensorArguments& t, int param_size, int
 // then the fewest slots; then the smaller team (more rows per warp or block, cheaper sums).
 inline Layout choose_layout(int64_t rows, int64_t length, int32_t max_width, int64_t single_pass_limit) {
   if (rows == 0 || length == 0) {
-    // Nothing to update; one warp still counts the step.
-    return Layout{kWarpRows, 1, 1, 1, 1, kWarpSize};
+    // Nothing to read: teams of one lane, a warp per 32 rows (the rows-split ops still write each
+    // row's statistics and second moment), and one warp where there are no rows, which still
+    // counts the step.
+    const int64_t warps = std::max<int64_t>(1, ceil_div(rows, kWarpSize));
+    return Layout{kWarpRows, 1, 1, 1, warps, warps * kWarpSize};
   }
   if (length > single_pass_limit) {
     const int64_t per_sweep = int64_t(kThreadsPerBlock) * max_width;
@@ -220,8 +229,11 @@ struct LaunchPlan {
 
 // The plan of one launch over `tensors`, whose params have `param_size`-byte elements and whose
 // state has `acc_size`-byte elements; rows longer than `single_pass_limit` take the statistics path.
+// Rows of no elements are kept (`rows_without_elements`: the rows-split ops, whose rank may hold
+// no column of a row but still steps its second moment) or dropped (the vector step: such a
+// tensor has nothing to update but its step count).
 inline LaunchPlan make_launch_plan(const std::vector<TensorArguments>& tensors, int param_size, int acc_size,
-                                   int64_t single_pass_limit) {
+                                   int64_t single_pass_limit, bool rows_without_elements = false) {
   if (single_pass_limit > kOnChipRowCapacity) {
     throw std::invalid_argument("ndadam_fused CUDA plan: single_pass_limit " + std::to_string(single_pass_limit) +
                                 " exceeds the on-chip capacity " + std::to_string(kOnChipRowCapacity));
@@ -236,7 +248,7 @@ inline LaunchPlan make_launch_plan(const std::vector<TensorArguments>& tensors, 
   std::vector<Layout> layouts(n);
   for (size_t i = 0; i < n; ++i) {
     const TensorArguments& t = tensors[i];
-    const int64_t rows = t.row_length == 0 ? 0 : t.rows;
+    const int64_t rows = t.row_length == 0 && !rows_without_elements ? 0 : t.rows;
     layouts[i] = choose_layout(rows, t.row_length, widest_vector_width(t, param_size, acc_size), single_pass_limit);
   }
   for (size_t i = 0; i < n; ++i) {
@@ -261,7 +273,9 @@ inline LaunchPlan make_launch_plan(const std::vector<TensorArguments>& tensors, 
     e.exp_avg = t.exp_avg;
     e.exp_avg_sq = t.exp_avg_sq;
     e.step = t.step;
-    e.rows = t.row_length == 0 ? 0 : t.rows;
+    e.master = t.master;
+    e.rounding_seed = t.rounding_seed;
+    e.rows = t.row_length == 0 && !rows_without_elements ? 0 : t.rows;
     e.row_length = t.row_length;
     e.path = layout.path;
     e.team_size = layout.team_size;

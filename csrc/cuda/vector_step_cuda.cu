@@ -27,11 +27,16 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <optional>
+#include <set>
 #include <stdexcept>
+#include <utility>
+#include <type_traits>
 #include <vector>
 
 #include "../ndadam_op.h"
 #include "../ndadam_row_math.h"
+#include "launch_tables.h"
 #include "ndadam_cuda_kernel.cuh"
 #include "ndadam_cuda_plan.h"
 
@@ -49,10 +54,11 @@ static_assert(cuda_plan::kOnChipRowCapacity >= kSinglePassMaxRowLength, "the def
 // 512 x 8 holds rows only up to 4096 and spills 4-116 B at 64 registers. A block's warps do not
 // wait for each other before their rows (no prologue barrier: each warp computes its own step
 // scalars while its row's copies are in flight), so one block per SM costs no idle prologue.
-template <typename param_t, typename acc_t>
+template <typename param_t, typename acc_t, RowWrite kWrite>
 __global__ void __launch_bounds__(kThreadsPerBlock) vector_step_kernel(const LaunchArguments args) {
   extern __shared__ __align__(16) unsigned char dynamic_shared[];
-  vector_step_block<param_t, acc_t>(args, *reinterpret_cast<SharedStorage<param_t, acc_t>*>(dynamic_shared));
+  vector_step_block<param_t, acc_t, kWrite>(args,
+                                            *reinterpret_cast<SharedStorage<param_t, acc_t, kWrite>*>(dynamic_shared));
 }
 
 // ---- Host side ------------------------------------------------------------------------------
@@ -110,49 +116,92 @@ DeviceTable upload_captured(const std::vector<uint8_t>& bytes, const at::Device&
   return table;
 }
 
+LaunchTables launch_tables(uint8_t kind, const std::vector<uint8_t>& table, const std::vector<int64_t>& per_launch,
+                           const at::Device& device, cudaStream_t stream) {
+  cudaStreamCaptureStatus capture_status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture_status));
+  const bool capturing = capture_status != cudaStreamCaptureStatusNone;
+  const size_t count = per_launch.size();
+  LaunchTables tables{};
+  if (!capturing) {
+    // The kind goes after the table's bytes: the kernels never read it, the cache compares it.
+    std::vector<uint8_t> key = table;
+    key.push_back(kind);
+    const auto found = table_cache().find_or_build(
+        key, device.index(), reinterpret_cast<uintptr_t>(stream), false,
+        [&](const std::vector<uint8_t>& bytes) { return DeviceTable{upload_eager(bytes, device)}; });
+    tables.table = static_cast<const uint8_t*>(found.storage->on_device.const_data_ptr());
+    tables.built = found.built;
+    if (count > 0) {
+      at::Tensor pinned =
+          at::empty({static_cast<int64_t>(count)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+      std::memcpy(pinned.data_ptr<int64_t>(), per_launch.data(), count * sizeof(int64_t));
+      tables.keep_until_queued =
+          at::empty({static_cast<int64_t>(count)}, at::TensorOptions().dtype(at::kLong).device(device));
+      tables.keep_until_queued.copy_(pinned, /*non_blocking=*/true);
+      tables.per_launch = tables.keep_until_queued.const_data_ptr<int64_t>();
+    }
+    return tables;
+  }
+  // The graph replays these very addresses: they go into the captured table itself.
+  std::vector<uint8_t> bytes = table;
+  const size_t per_launch_offset = (bytes.size() + 7) / 8 * 8;
+  bytes.resize(per_launch_offset + count * sizeof(int64_t), 0);
+  std::memcpy(bytes.data() + per_launch_offset, per_launch.data(), count * sizeof(int64_t));
+  bytes.push_back(kind);
+  const auto found = table_cache().find_or_build(
+      bytes, device.index(), reinterpret_cast<uintptr_t>(stream), true,
+      [&](const std::vector<uint8_t>& b) { return upload_captured(b, device, stream); });
+  tables.table = static_cast<const uint8_t*>(found.storage->on_device.const_data_ptr());
+  tables.per_launch = reinterpret_cast<const int64_t*>(tables.table + per_launch_offset);
+  tables.built = found.built;
+  return tables;
+}
+
 // Shared memory per block: every GPU of compute capability 8.x and 9.0 allows 99 KiB (sm_86,
 // sm_89) or more (A100 163 KiB, H100 227 KiB) with the kernel's consent.
 static_assert(sizeof(SharedStorage<float, float>) <= 99 * 1024, "fp32 blocks must fit sm_86/sm_89");
 static_assert(sizeof(SharedStorage<c10::BFloat16, float>) <= 99 * 1024, "bf16 blocks must fit sm_86/sm_89");
+static_assert(sizeof(SharedStorage<c10::BFloat16, float, RowWrite::kMasterAndParam>) <= 99 * 1024,
+              "bf16 blocks with master copies must fit sm_86/sm_89");
 static_assert(sizeof(SharedStorage<double, double>) <= 163 * 1024, "fp64 blocks must fit an A100");
 
 // More than 48 KiB of dynamic shared memory per block needs the kernel's consent, once per
-// device; a GPU with less than the kernel needs gets a clear error. The first launch may come
-// during stream capture: neither call is a stream operation, and relaxed mode lets them through.
-template <typename param_t, typename acc_t>
-void allow_shared_memory(int device) {
+// kernel and device; a GPU with less than the kernel needs gets a clear error. The first launch
+// may come during stream capture: neither call is a stream operation, and relaxed mode lets them
+// through.
+void allow_shared_memory(const void* kernel, size_t bytes, at::ScalarType dtype, int device) {
   static std::mutex mutex;
-  static std::vector<bool> done;
+  static std::set<std::pair<const void*, int>> done;
   std::lock_guard<std::mutex> lock(mutex);
-  // One flag per device of this dtype's kernel.
-  if (static_cast<size_t>(device) >= done.size()) {
-    done.resize(device + 1, false);
-  }
-  if (!done[device]) {
+  if (done.count({kernel, device}) == 0) {
     const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
-    constexpr size_t kBytes = sizeof(SharedStorage<param_t, acc_t>);
     int allowed = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&allowed, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    TORCH_CHECK(kBytes <= static_cast<size_t>(allowed), "ndadam_fused::vector_step_: the CUDA kernel needs ", kBytes,
-                " bytes of shared memory per block for ", c10::CppTypeToScalarType<param_t>::value, " params, but GPU ",
-                device, " allows ", allowed, "; it runs on GPUs of compute capability 8.0 or newer");
-    C10_CUDA_CHECK(cudaFuncSetAttribute(vector_step_kernel<param_t, acc_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(kBytes)));
-    done[device] = true;
+    TORCH_CHECK(bytes <= static_cast<size_t>(allowed), "ndadam_fused: the CUDA kernel needs ", bytes,
+                " bytes of shared memory per block for ", dtype, " params, but GPU ", device, " allows ", allowed,
+                "; it runs on GPUs of compute capability 8.0 or newer");
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    done.insert({kernel, device});
   }
 }
 
-template <typename param_t>
-void launch(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-            at::TensorList state_steps, const at::Tensor& lr, double beta1, double beta2, double eps,
-            int64_t single_pass_limit) {
+template <typename param_t, RowWrite kWrite>
+void launch(const VectorStepTensors& call, const at::Tensor& hyper, const std::optional<at::Tensor>& grad_scale,
+            const std::optional<at::Tensor>& found_inf, int64_t single_pass_limit) {
   using acc_t = at::opmath_type<param_t>;
-  const size_t n = params.size();
+  const size_t n = call.params.size();
   std::vector<cuda_plan::TensorArguments> tensors(n);
   for (size_t i = 0; i < n; ++i) {
-    tensors[i] = cuda_plan::TensorArguments{params[i].data_ptr(), grads[i].const_data_ptr(), exp_avgs[i].data_ptr(),
-                                            exp_avg_sqs[i].data_ptr(), state_steps[i].data_ptr<float>(),
-                                            row_count(params[i]), row_length(params[i])};
+    const at::Tensor& p = call.params[i];
+    tensors[i] = cuda_plan::TensorArguments{p.data_ptr(), call.grads[i].const_data_ptr(), call.exp_avgs[i].data_ptr(),
+                                            call.exp_avg_sqs[i].data_ptr(), call.state_steps[i].data_ptr<float>(),
+                                            row_count(p), row_length(p)};
+    if constexpr (kWrite == RowWrite::kMasterAndParam) {
+      tensors[i].master = call.master_params[i].data_ptr();
+    } else if constexpr (kWrite == RowWrite::kStochasticParam) {
+      tensors[i].rounding_seed = call.rounding_seeds[i].const_data_ptr<int64_t>();
+    }
   }
   const cuda_plan::LaunchPlan plan =
       cuda_plan::make_launch_plan(tensors, sizeof(param_t), sizeof(acc_t), single_pass_limit);
@@ -164,62 +213,35 @@ void launch(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
     grad_addresses[i] = reinterpret_cast<int64_t>(tensors[plan.order[i]].grad);
   }
 
-  const at::Device device = params[0].device();
+  const at::Device device = call.params[0].device();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  cudaStreamCaptureStatus capture_status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture_status));
-  const bool capturing = capture_status != cudaStreamCaptureStatusNone;
-
   std::lock_guard<std::mutex> lock(cache_mutex());
-  const uint8_t* table = nullptr;
-  const void* const* device_grads = nullptr;
-  at::Tensor eager_grads;  // released after the launch is queued: freed in stream order
-  if (!capturing) {
-    const auto found = table_cache().find_or_build(
-        plan.table, device.index(), reinterpret_cast<uintptr_t>(stream), false,
-        [&](const std::vector<uint8_t>& bytes) { return DeviceTable{upload_eager(bytes, device)}; });
-    table = static_cast<const uint8_t*>(found.storage->on_device.const_data_ptr());
-    at::Tensor pinned = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-    std::memcpy(pinned.data_ptr<int64_t>(), grad_addresses.data(), n * sizeof(int64_t));
-    eager_grads = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kLong).device(device));
-    eager_grads.copy_(pinned, /*non_blocking=*/true);
-    device_grads = reinterpret_cast<const void* const*>(eager_grads.const_data_ptr<int64_t>());
-  } else {
-    // The graph replays these very gradients: they go into the captured table itself.
-    std::vector<uint8_t> bytes = plan.table;
-    const size_t grads_offset = (bytes.size() + 7) / 8 * 8;
-    bytes.resize(grads_offset + n * sizeof(int64_t), 0);
-    std::memcpy(bytes.data() + grads_offset, grad_addresses.data(), n * sizeof(int64_t));
-    const auto found = table_cache().find_or_build(
-        bytes, device.index(), reinterpret_cast<uintptr_t>(stream), true,
-        [&](const std::vector<uint8_t>& b) { return upload_captured(b, device, stream); });
-    table = static_cast<const uint8_t*>(found.storage->on_device.const_data_ptr());
-    device_grads = reinterpret_cast<const void* const*>(table + grads_offset);
-  }
+  const LaunchTables tables = launch_tables(kVectorStepTables, plan.table, grad_addresses, device, stream);
 
   LaunchArguments args{};
-  args.entries = reinterpret_cast<const cuda_plan::TensorEntry*>(table);
-  args.first_warp = reinterpret_cast<const int64_t*>(table + plan.first_warp_offset);
-  args.arrivals = reinterpret_cast<int32_t*>(const_cast<uint8_t*>(table + plan.arrivals_offset));
-  args.grads = device_grads;
-  args.lr = lr.const_data_ptr();
-  args.lr_is_double = lr.scalar_type() == at::kDouble;
-  args.beta1 = beta1;
-  args.beta2 = beta2;
-  args.eps = eps;
+  args.entries = reinterpret_cast<const cuda_plan::TensorEntry*>(tables.table);
+  args.first_warp = reinterpret_cast<const int64_t*>(tables.table + plan.first_warp_offset);
+  args.arrivals = reinterpret_cast<int32_t*>(const_cast<uint8_t*>(tables.table + plan.arrivals_offset));
+  args.grads = reinterpret_cast<const void* const*>(tables.per_launch);
+  args.hyper = hyper.const_data_ptr<double>();
+  args.grad_scale = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
+  args.found_inf = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
   args.tensors = plan.tensors();
-  constexpr size_t kSharedBytes = sizeof(SharedStorage<param_t, acc_t>);
-  allow_shared_memory<param_t, acc_t>(device.index());
-  vector_step_kernel<param_t, acc_t>
+  constexpr size_t kSharedBytes = sizeof(SharedStorage<param_t, acc_t, kWrite>);
+  allow_shared_memory(reinterpret_cast<const void*>(&vector_step_kernel<param_t, acc_t, kWrite>), kSharedBytes,
+                      c10::CppTypeToScalarType<param_t>::value, device.index());
+  vector_step_kernel<param_t, acc_t, kWrite>
       <<<static_cast<unsigned int>(plan.blocks), kThreadsPerBlock, kSharedBytes, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void vector_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                      at::TensorList exp_avg_sqs, at::TensorList state_steps, const at::Tensor& lr, double beta1,
-                      double beta2, double eps, int64_t max_single_pass_row_length) {
-  check_vector_step_arguments(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
-                              max_single_pass_row_length, c10::DeviceType::CUDA);
+                      at::TensorList exp_avg_sqs, at::TensorList state_steps, const at::Tensor& hyper,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      at::TensorList master_params, at::TensorList rounding_seeds,
+                      int64_t max_single_pass_row_length) {
+  const VectorStepTensors call{params, grads, exp_avgs, exp_avg_sqs, state_steps, master_params, rounding_seeds};
+  check_vector_step_arguments(call, hyper, grad_scale, found_inf, max_single_pass_row_length, c10::DeviceType::CUDA);
   const int64_t single_pass_limit = resolve_single_pass_limit(max_single_pass_row_length);
   TORCH_CHECK(single_pass_limit <= cuda_plan::kOnChipRowCapacity,
               "ndadam_fused::vector_step_: max_single_pass_row_length=", max_single_pass_row_length, " exceeds the ",
@@ -231,10 +253,26 @@ void vector_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
     return;
   }
   const c10::cuda::CUDAGuard device_guard(params[0].device());
+  // The kernels that can occur: master copies for bf16/fp16 params, stochastic rounding for bf16
+  // (the argument checks refused the rest).
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "ndadam_fused::vector_step_",
                                   [&] {
-                                    launch<scalar_t>(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1,
-                                                     beta2, eps, single_pass_limit);
+                                    constexpr bool kHalfPrecision = std::is_same_v<scalar_t, at::BFloat16> ||
+                                                                    std::is_same_v<scalar_t, at::Half>;
+                                    if constexpr (kHalfPrecision) {
+                                      if (!master_params.empty()) {
+                                        return launch<scalar_t, RowWrite::kMasterAndParam>(
+                                            call, hyper, grad_scale, found_inf, single_pass_limit);
+                                      }
+                                    }
+                                    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+                                      if (!rounding_seeds.empty()) {
+                                        return launch<scalar_t, RowWrite::kStochasticParam>(
+                                            call, hyper, grad_scale, found_inf, single_pass_limit);
+                                      }
+                                    }
+                                    launch<scalar_t, RowWrite::kParam>(call, hyper, grad_scale, found_inf,
+                                                                       single_pass_limit);
                                   });
 }
 

@@ -55,11 +55,26 @@ _build_lock = threading.Lock()
 
 
 def _register_fake() -> None:
+    # The ops only mutate their inputs in place: no outputs to describe.
     @torch.library.register_fake("ndadam_fused::vector_step_")
     def _vector_step_fake(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps, max_single_pass_row_length=-1
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper, grad_scale=None, found_inf=None, master_params=(),
+        rounding_seeds=(), max_single_pass_row_length=-1,
     ) -> None:
-        # The op only mutates its inputs in place: no outputs to describe.
+        return None
+
+    if not hasattr(torch.ops.ndadam_fused, "row_statistics_"):
+        return  # an extension built without the rows-split ops (row_split_unavailable_reason says so)
+
+    @torch.library.register_fake("ndadam_fused::row_statistics_")
+    def _row_statistics_fake(params, grads, exp_avgs, statistics, grad_scale=None, master_params=()) -> None:
+        return None
+
+    @torch.library.register_fake("ndadam_fused::apply_row_statistics_")
+    def _apply_row_statistics_fake(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, statistics, hyper, grad_scale=None, found_inf=None,
+        master_params=(), rounding_seeds=(),
+    ) -> None:
         return None
 
 
@@ -113,10 +128,11 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def _refuse_unbuilt_features(grad_scale, found_inf, master_params, rounding_seeds) -> None:
+    """Used by the Triton backend until its kernels take these options (the native ones do)."""
     wanted = [name for name, value in (("GradScaler's grad_scale/found_inf", grad_scale if grad_scale is not None else found_inf),
                                        ("master_weights", master_params), ("stochastic_rounding", rounding_seeds)) if value is not None]
     if wanted:
-        raise NotImplementedError(f"the native kernels do not implement {', '.join(wanted)} yet; use backend='reference'")
+        raise NotImplementedError(f"the Triton kernels do not implement {', '.join(wanted)} yet; use backend='reference'")
 
 
 def _single_pass_limit() -> int:
@@ -139,36 +155,65 @@ def vector_step(
     master_params: list[Tensor] | None = None,
     rounding_seeds: list[Tensor] | None = None,
 ) -> None:
-    """θ^v update of Algorithm 1: one op call (one kernel launch) per (device, dtype)."""
-    _refuse_unbuilt_features(grad_scale, found_inf, master_params, rounding_seeds)
-    # torch's own grouping (C++, as its fused optimizers use): by the params' (device, dtype).
-    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
-    for (device, _), ((group_params, group_grads, group_exp_avgs, group_exp_avg_sqs, group_steps), _) in grouped.items():
-        group_params, group_exp_avgs = list(group_params), list(group_exp_avgs)
+    """θ^v update of Algorithm 1: one op call (one kernel launch) per (device, dtype).
+
+    Everything goes to the kernels, which read ``hyper``, ``grad_scale`` and ``found_inf`` where
+    they are (on CUDA: on the device), so that a step reads nothing back to the host and a CUDA
+    graph that captured it sees later changes of those tensors. ``master_params`` and
+    ``rounding_seeds`` follow ``params`` index by index.
+    """
+    # torch's own grouping (C++, as its fused optimizers use): by the params' (device, dtype);
+    # master copies (fp32) and seeds (int64) follow by index.
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params], with_indices=True)
+    for (device, _), (_, indices) in grouped.items():
+        group_params = [params[i] for i in indices]
+        group_exp_avgs = [exp_avgs[i] for i in indices]
+        group_masters = [] if master_params is None else [master_params[i] for i in indices]
         # The kernels walk rows of contiguous memory. A non-contiguous param (a channels_last
         # conv weight) is stepped through a contiguous copy and copied back.
         copied = [
-            i for i, (p, m) in enumerate(zip(group_params, group_exp_avgs)) if not (p.is_contiguous() and m.is_contiguous())
+            k for k, (p, m) in enumerate(zip(group_params, group_exp_avgs))
+            if not (p.is_contiguous() and m.is_contiguous() and (not group_masters or group_masters[k].is_contiguous()))
         ]
-        originals = {i: (group_params[i], group_exp_avgs[i]) for i in copied}
-        for i in copied:
-            group_params[i] = group_params[i].contiguous()
-            group_exp_avgs[i] = group_exp_avgs[i].contiguous()
+        originals = {k: (group_params[k], group_exp_avgs[k], group_masters[k] if group_masters else None) for k in copied}
+        for k in copied:
+            group_params[k] = group_params[k].contiguous()
+            group_exp_avgs[k] = group_exp_avgs[k].contiguous()
+            if group_masters:
+                group_masters[k] = group_masters[k].contiguous()
         torch.ops.ndadam_fused.vector_step_(
             group_params,
-            [g.contiguous() for g in group_grads],
+            [grads[i].contiguous() for i in indices],
             group_exp_avgs,
-            list(group_exp_avg_sqs),
-            list(group_steps),
-            hyper[0],
-            beta1,
-            beta2,
-            eps,
+            [exp_avg_sqs[i] for i in indices],
+            [state_steps[i] for i in indices],
+            _on(hyper, device),
+            _on(grad_scale, device),
+            _on(found_inf, device),
+            group_masters,
+            [] if rounding_seeds is None else [_seed(rounding_seeds[i]) for i in indices],
             _single_pass_limit(),
         )
-        for i, (param, exp_avg) in originals.items():
-            param.copy_(group_params[i])
-            exp_avg.copy_(group_exp_avgs[i])
+        for k, (param, exp_avg, master) in originals.items():
+            param.copy_(group_params[k])
+            exp_avg.copy_(group_exp_avgs[k])
+            if master is not None:
+                master.copy_(group_masters[k])
+
+
+def _seed(seed: Tensor) -> Tensor:
+    """A rounding seed as the kernels take it (int64), read as the reference reads it
+    (``seed.to(torch.int64)``): torch's Optimizer.load_state_dict casts every state tensor of a
+    floating-point param to the param's dtype, the seed included."""
+    return seed if seed.dtype == torch.int64 else seed.to(torch.int64)
+
+
+def _on(tensor: Tensor | None, device: torch.device) -> Tensor | None:
+    """``tensor`` on ``device`` (the kernels read it there); the same tensor where it already is,
+    so that a CUDA graph replays reads of the caller's tensor, not of a copy."""
+    if tensor is None or tensor.device == device:
+        return tensor
+    return tensor.to(device, non_blocking=True)
 
 
 #: θ^s of Algorithm 1: torch's fused Adam (CPU and CUDA) with L2 weight decay.
@@ -211,14 +256,24 @@ def _dtype_runs(params: list[Tensor]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def row_statistics(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], statistics: Tensor) -> None:
+def row_statistics(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    statistics: Tensor,
+    *,
+    grad_scale: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+) -> None:
     """Phase 1 of the rows-split step (see :mod:`ndadam_fused.backends.row_statistics`): one op
     call per run of params of one dtype, each writing its rows of ``statistics`` ``[Σ rows, 6]``."""
+    device = statistics.device
     offset = 0
     for start, end, rows in _dtype_runs(params):
         torch.ops.ndadam_fused.row_statistics_(
             list(params[start:end]), [g.contiguous() for g in grads[start:end]], list(exp_avgs[start:end]),
-            statistics.narrow(0, offset, rows),
+            statistics.narrow(0, offset, rows), _on(grad_scale, device),
+            [] if master_params is None else list(master_params[start:end]),
         )
         offset += rows
 
@@ -231,30 +286,25 @@ def apply_row_statistics(
     state_steps: list[Tensor],
     statistics: Tensor,
     *,
-    lr: float | Tensor,
+    hyper: Tensor,
     beta1: float,
     beta2: float,
     eps: float,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    rounding_seeds: list[Tensor] | None = None,
 ) -> None:
-    """Phase 2 of the rows-split step: steps incremented, rows updated from the reduced ``statistics``."""
+    """Phase 2 of the rows-split step: steps incremented, rows updated from the reduced ``statistics``
+    (the kernels read ``hyper``, ``grad_scale`` and ``found_inf`` where they are)."""
     device = statistics.device
-    lr_tensor = (lr.to(device, torch.float64) if isinstance(lr, Tensor) else torch.full((), lr, dtype=torch.float64, device=device)).reshape(())
     offset = 0
     for start, end, rows in _dtype_runs(params):
         torch.ops.ndadam_fused.apply_row_statistics_(
             list(params[start:end]), [g.contiguous() for g in grads[start:end]], list(exp_avgs[start:end]),
             list(exp_avg_sqs[start:end]), list(state_steps[start:end]), statistics.narrow(0, offset, rows),
-            lr_tensor, beta1, beta2, eps,
+            _on(hyper, device), _on(grad_scale, device), _on(found_inf, device),
+            [] if master_params is None else list(master_params[start:end]),
+            [] if rounding_seeds is None else [_seed(seed) for seed in rounding_seeds[start:end]],
         )
         offset += rows
-
-
-if _C is not None:
-    # Both ops only mutate their inputs in place: no outputs to describe.
-    @torch.library.register_fake("ndadam_fused::row_statistics_")
-    def _row_statistics_fake(params, grads, exp_avgs, statistics) -> None:
-        return None
-
-    @torch.library.register_fake("ndadam_fused::apply_row_statistics_")
-    def _apply_row_statistics_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, statistics, lr, beta1, beta2, eps) -> None:
-        return None

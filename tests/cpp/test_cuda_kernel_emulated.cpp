@@ -21,6 +21,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <limits>
 #include <map>
 #include <random>
 #include <set>
@@ -29,6 +31,7 @@
 
 #include "cuda/ndadam_cuda_kernel.cuh"
 #include "cuda/ndadam_cuda_plan.h"
+#include "guarded_buffer.h"
 #include "host_half.h"
 
 namespace {
@@ -56,60 +59,6 @@ simt::Device& device() {
   static simt::Device instance(plan::kThreadsPerBlock);
   return instance;
 }
-
-template <typename T>
-constexpr const char* type_name() {
-  if constexpr (std::is_same_v<T, float>) {
-    return "float32";
-  } else if constexpr (std::is_same_v<T, double>) {
-    return "float64";
-  } else if constexpr (std::is_same_v<T, HostBFloat16>) {
-    return "bfloat16";
-  } else {
-    return "float16";
-  }
-}
-
-// Memory for one array of a tensor: 256-byte aligned (as the caching allocators align), starting
-// `offset_elements` in (a view into a larger buffer), with guard bytes on both sides that must
-// survive every launch.
-template <typename T>
-class Buffer {
- public:
-  Buffer(size_t elements, size_t offset_elements)
-      : elements_(elements), offset_bytes_(offset_elements * sizeof(T)),
-        storage_((kGuard * 2 + offset_bytes_ + elements * sizeof(T) + 255) / 256 * 256 + 256) {
-    const uintptr_t start = (reinterpret_cast<uintptr_t>(storage_.data()) + kGuard + 255) / 256 * 256;
-    data_ = reinterpret_cast<T*>(start + offset_bytes_);
-    std::fill(storage_.begin(), storage_.end(), kPattern);
-  }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-
-  T* data() { return data_; }
-  T& operator[](size_t i) { return data_[i]; }
-  size_t size() const { return elements_; }
-
-  bool guards_intact() const {
-    const auto* begin = reinterpret_cast<const uint8_t*>(data_);
-    const auto* end = begin + elements_ * sizeof(T);
-    for (const uint8_t* p = storage_.data(); p < begin; ++p) {
-      if (*p != kPattern) return false;
-    }
-    for (const uint8_t* p = end; p < storage_.data() + storage_.size(); ++p) {
-      if (*p != kPattern) return false;
-    }
-    return true;
-  }
-
- private:
-  static constexpr size_t kGuard = 64;
-  static constexpr uint8_t kPattern = 0xa5;
-  size_t elements_;
-  size_t offset_bytes_;
-  std::vector<uint8_t> storage_;
-  T* data_;
-};
 
 // Algorithm 1 for one row in float64, written from the paper and not from the kernel; with
 // `round` (a bf16/fp16 run), the new row is rounded to param_t and the state to float, as the
@@ -287,16 +236,23 @@ struct Hyper {
   double eps = 1e-8;
 };
 
+// GradScaler's tensors as the kernel reads them (null: none).
+struct Scaler {
+  const float* grad_scale = nullptr;
+  const float* found_inf = nullptr;
+};
+
 // Launches the kernel as vector_step_cuda.cu does: the real plan, the real cache, this launch's
-// gradients in the table's order, blocks in a shuffled order.
-template <typename param_t, typename acc_t>
+// gradients in the table's order, blocks in a shuffled order; the hyperparameters in a float64
+// array of 4 that the kernel reads (as it reads the hyper tensor on the GPU).
+template <typename param_t, typename acc_t, ndadam::RowWrite kWrite = ndadam::RowWrite::kParam>
 class Launcher {
  public:
   explicit Launcher(size_t tables_kept = 16) : cache_(tables_kept) {}
 
   // One launch over `tensors` with the gradients now in their grad buffers (or `grads`).
   plan::LaunchPlan launch(std::vector<plan::TensorArguments> arguments, const Hyper& h, int64_t limit,
-                          const std::string& what, bool capturing = false) {
+                          const std::string& what, bool capturing = false, const Scaler& scaler = {}) {
     plan::LaunchPlan p = plan::make_launch_plan(arguments, sizeof(param_t), sizeof(acc_t), limit);
     const auto found = cache_.find_or_build(p.table, 0, 0, capturing,
                                             [](const std::vector<uint8_t>& bytes) { return HostTable{bytes}; });
@@ -304,27 +260,28 @@ class Launcher {
     std::vector<const void*> grads(arguments.size());
     for (size_t i = 0; i < grads.size(); ++i) grads[i] = arguments[p.order[i]].grad;
     auto* table = const_cast<uint8_t*>(found.storage->bytes.data());
-    lr_ = h.lr;
+    hyper_[0] = h.lr;
+    hyper_[1] = h.beta1;
+    hyper_[2] = h.beta2;
+    hyper_[3] = h.eps;
     kernel::LaunchArguments args{};
     args.entries = reinterpret_cast<const plan::TensorEntry*>(table);
     args.first_warp = reinterpret_cast<const int64_t*>(table + p.first_warp_offset);
     args.arrivals = reinterpret_cast<int32_t*>(table + p.arrivals_offset);
     args.grads = grads.data();
-    args.lr = &lr_;
-    args.lr_is_double = 1;
-    args.beta1 = h.beta1;
-    args.beta2 = h.beta2;
-    args.eps = h.eps;
+    args.hyper = hyper_;
+    args.grad_scale = scaler.grad_scale;
+    args.found_inf = scaler.found_inf;
     args.tensors = p.tensors();
 
     std::vector<int64_t> order(static_cast<size_t>(p.blocks));
     for (int64_t b = 0; b < p.blocks; ++b) order[b] = b;
     std::shuffle(order.begin(), order.end(), std::mt19937_64(++launches_));
-    std::unique_ptr<kernel::SharedStorage<param_t, acc_t>> shared;
+    std::unique_ptr<kernel::SharedStorage<param_t, acc_t, kWrite>> shared;
     // Warps take turns in ascending order, or descending every other launch.
     device().run(
-        order, [&](int64_t) { shared = std::make_unique<kernel::SharedStorage<param_t, acc_t>>(); },
-        [&](int64_t) { kernel::vector_step_block<param_t, acc_t>(args, *shared); }, launches_ % 2 == 0);
+        order, [&](int64_t) { shared = std::make_unique<kernel::SharedStorage<param_t, acc_t, kWrite>>(); },
+        [&](int64_t) { kernel::vector_step_block<param_t, acc_t, kWrite>(args, *shared); }, launches_ % 2 == 0);
     check_emulation(what);
     const int32_t* arrivals = args.arrivals;
     for (int32_t i = 0; i < p.tensors(); ++i) {
@@ -340,7 +297,7 @@ class Launcher {
  private:
   plan::TableCache<HostTable> cache_;
   const HostTable* last_table_ = nullptr;
-  double lr_ = 0;
+  double hyper_[4] = {0, 0, 0, 0};
   uint64_t launches_ = 0;
 };
 
@@ -562,6 +519,386 @@ void test_eps_zero_subnormal_second_moment() {
   }
 }
 
+// ---- Issue 12: GradScaler, master copies, stochastic rounding; issue 9: zero updates ----------
+
+template <typename T>
+bool same_bits(const T* a, const T* b, size_t n) {
+  return std::memcmp(a, b, n * sizeof(T)) == 0;
+}
+
+// Whether two runs left a tensor's param, moments and step bit for bit the same.
+template <typename param_t, typename acc_t>
+bool same_state(Tensor<param_t, acc_t>& a, Tensor<param_t, acc_t>& b) {
+  const size_t n = a.param.size();
+  const size_t rows = static_cast<size_t>(a.shape.rows);
+  return same_bits(a.param.data(), b.param.data(), n) && same_bits(a.exp_avg.data(), b.exp_avg.data(), n) &&
+         same_bits(a.exp_avg_sq.data(), b.exp_avg_sq.data(), rows) && same_bits(a.step.data(), b.step.data(), 1);
+}
+
+std::string path_name(int64_t limit) { return limit == 0 ? "statistics path" : "exact path"; }
+
+// Shapes for the option tests: on the exact path, teams of a lane, of a warp and of several
+// warps, a long row past the cut-over (statistics path) and a length-1 row; with the statistics
+// path forced (a block per row, which the emulation runs slowly), fewer rows.
+std::vector<Shape> option_shapes(int64_t limit) {
+  if (limit == 0) {
+    return {{1, 1}, {2, 27}, {1, 1000}, {1, 9000}};
+  }
+  return {{5, 1}, {4, 27}, {3, 160}, {40, 64}, {2, 1000}, {1, 9000}};
+}
+
+// The kernel's ḡ = grad / scale (unscale in the kernel header): fp32 through the float64
+// reciprocal equals the fp32 division for every scale, subnormal quotients included; fp64 times
+// the reciprocal equals the division for power-of-two scales.
+void test_unscaling_equals_division() {
+  std::mt19937_64 rng(21);
+  int64_t wrong = 0, checked = 0;
+  for (int trial = 0; trial < 10000000; ++trial) {
+    uint32_t bits = static_cast<uint32_t>(rng());
+    float g;
+    std::memcpy(&g, &bits, sizeof(g));
+    float scale;
+    if (trial % 3 == 0) {
+      const uint32_t scale_bits = static_cast<uint32_t>(rng()) & 0x7fffffffu;  // any positive float
+      std::memcpy(&scale, &scale_bits, sizeof(scale));
+    } else if (trial % 3 == 1) {
+      scale = static_cast<float>(1 + rng() % 100000);  // whole numbers
+    } else {
+      scale = std::ldexp(1.0f, static_cast<int>(rng() % 64) - 16);  // GradScaler's powers of two
+    }
+    if (!std::isfinite(g) || !std::isfinite(scale) || scale == 0.0f) continue;
+    const float kernel = kernel::scaled_down(g, static_cast<double>(scale), 1.0 / static_cast<double>(scale));
+    const float division = g / scale;
+    ++checked;
+    wrong += std::memcmp(&kernel, &division, sizeof(float)) != 0;
+  }
+  check(wrong == 0 && checked > 9000000, "fp32 unscaling differs from the division in " + std::to_string(wrong) +
+                                             " of " + std::to_string(checked) + " pairs");
+  wrong = 0;
+  std::uniform_real_distribution<double> uniform(-1, 1);
+  for (int trial = 0; trial < 1000000; ++trial) {
+    const double g = uniform(rng) * std::ldexp(1.0, static_cast<int>(rng() % 2000) - 1000);
+    const double scale = std::ldexp(1.0, static_cast<int>(rng() % 64) - 16);
+    const double kernel = kernel::scaled_down(g, scale, 1.0 / scale);
+    wrong += std::memcmp(&kernel, &(const double&)(g / scale), sizeof(double)) != 0;
+  }
+  check(wrong == 0, "fp64 unscaling by a power of two differs from the division in " + std::to_string(wrong) + " cases");
+}
+
+// A launch with GradScaler's scale on grads that hold scale x ḡ equals, bit for bit, a launch
+// without a scale on grads that hold ḡ (the quotient the reference computes), wherever the kernel
+// unscales each element (exact path; statistics path with a power-of-two scale, whose sums are
+// scaled after the sweep); within DESIGN.md's tolerances where it scales the sums.
+template <typename param_t, typename acc_t>
+void check_unscaling(const std::vector<Shape>& shapes, int64_t limit, float scale, bool bit_exact) {
+  const std::string what = std::string(type_name<param_t>()) + " grad_scale " + std::to_string(scale) + ", " +
+                           path_name(limit);
+  std::mt19937_64 rng_scaled(31), rng_plain(31), rng_grads(32);
+  std::vector<std::unique_ptr<Tensor<param_t, acc_t>>> scaled, plain;
+  for (const Shape& s : shapes) {
+    scaled.push_back(std::make_unique<Tensor<param_t, acc_t>>(s, rng_scaled));
+    plain.push_back(std::make_unique<Tensor<param_t, acc_t>>(s, rng_plain));
+  }
+  Launcher<param_t, acc_t> scaled_launcher, plain_launcher;
+  const Hyper h;
+  for (int step = 0; step < 2; ++step) {
+    std::vector<plan::TensorArguments> scaled_arguments, plain_arguments;
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      std::normal_distribution<double> normal;
+      for (size_t e = 0; e < scaled[i]->grad.size(); ++e) {
+        // The scaled gradient as autocast leaves it; the plain run gets the quotient, rounded once.
+        const param_t stored = static_cast<param_t>(static_cast<float>(scale * 0.1 * normal(rng_grads)));
+        scaled[i]->grad[e] = stored;
+        plain[i]->grad[e] = static_cast<param_t>(static_cast<acc_t>(stored) / static_cast<acc_t>(scale));
+      }
+      scaled_arguments.push_back(scaled[i]->arguments());
+      plain_arguments.push_back(plain[i]->arguments());
+    }
+    scaled_launcher.launch(scaled_arguments, h, limit, what, false, Scaler{&scale, nullptr});
+    plain_launcher.launch(plain_arguments, h, limit, what + " (pre-divided)");
+  }
+  double worst = 0;
+  bool identical = true;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    identical = identical && same_state(*scaled[i], *plain[i]);
+    for (size_t e = 0; e < scaled[i]->param.size(); ++e) {
+      worst = std::max(worst, std::abs(double(static_cast<acc_t>(scaled[i]->param[e])) -
+                                       double(static_cast<acc_t>(plain[i]->param[e]))));
+    }
+  }
+  if (bit_exact) {
+    check(identical, what + ": differs from the pre-divided run (params by " + std::to_string(worst) + ")");
+  } else {
+    check(worst <= 1e-5, what + ": params off the pre-divided run by " + std::to_string(worst));
+  }
+}
+
+void test_grad_scale_unscales_on_the_fly() {
+  const float power_of_two = 4096.0f, other = 1000.0f;
+  for (const int64_t limit : {ndadam::kSinglePassMaxRowLength, int64_t(0)}) {
+    const std::vector<Shape> shapes = option_shapes(limit);
+    check_unscaling<float, float>(shapes, limit, power_of_two, true);
+    check_unscaling<double, double>(shapes, limit, power_of_two, true);
+    check_unscaling<HostBFloat16, float>(shapes, limit, power_of_two, true);
+    // Any scale: the exact path divides each element as the reference does; the statistics path
+    // (every row with the cut-over 0, rows past 8192 elements otherwise) scales its sums, which is
+    // within rounding of the per-element quotients.
+    std::vector<Shape> exact_rows;
+    for (const Shape& s : shapes) {
+      if (s.row_length <= limit) exact_rows.push_back(s);
+    }
+    if (limit != 0) {
+      check_unscaling<float, float>(exact_rows, limit, other, true);
+    }
+    check_unscaling<float, float>(shapes, limit, other, false);
+  }
+}
+
+// GradScaler found an inf: the launch changes nothing (params, moments, steps, counters), and the
+// next launch steps from there.
+void test_found_inf_changes_nothing() {
+  for (const int64_t limit : {ndadam::kSinglePassMaxRowLength, int64_t(0)}) {
+    for (const float flag : {1.0f, std::numeric_limits<float>::quiet_NaN()}) {
+      std::mt19937_64 rng(41), twin_rng(41);
+      const std::vector<Shape> shapes = option_shapes(limit);
+      std::vector<std::unique_ptr<Tensor<float, float>>> tensors, untouched;
+      for (const Shape& s : shapes) {
+        tensors.push_back(std::make_unique<Tensor<float, float>>(s, rng));
+        untouched.push_back(std::make_unique<Tensor<float, float>>(s, twin_rng));
+      }
+      Launcher<float, float> launcher;
+      std::vector<plan::TensorArguments> arguments;
+      for (size_t i = 0; i < tensors.size(); ++i) {
+        tensors[i]->new_gradient(rng, 0.1);
+        arguments.push_back(tensors[i]->arguments());
+      }
+      const float scale = 1024.0f;
+      const std::string what = "found_inf " + std::to_string(flag) + ", " + path_name(limit);
+      launcher.launch(arguments, Hyper{}, limit, what, false, Scaler{&scale, &flag});
+      bool unchanged = true;
+      for (size_t i = 0; i < tensors.size(); ++i) {
+        unchanged = unchanged && same_state(*tensors[i], *untouched[i]);
+      }
+      check(unchanged, what + ": the skipped step changed a param, a moment or a step count");
+      const float clear = 0.0f;
+      launcher.launch(arguments, Hyper{}, limit, what + ", then a step", false, Scaler{&scale, &clear});
+      bool stepped = true;
+      for (size_t i = 0; i < tensors.size(); ++i) {
+        const bool moved = tensors[i]->shape.row_length == 1 ||
+                           !same_bits(tensors[i]->param.data(), untouched[i]->param.data(), tensors[i]->param.size());
+        stepped = stepped && tensors[i]->step[0] == 4.0f && moved;
+      }
+      check(stepped, what + ": the step after a skipped one did not count from the unchanged state");
+    }
+  }
+}
+
+// Master copies: rows are read from the fp32 master, the master gets w' and the param (bf16,
+// fp16) w' rounded to nearest. The master follows an fp32 run of Algorithm 1 within fp32's
+// tolerance, which reading the rounded param instead would miss by far.
+template <typename param_t>
+void check_master_copies(int64_t limit) {
+  const std::string what = std::string(type_name<param_t>()) + " master copies, " + path_name(limit);
+  const std::vector<Shape> shapes = option_shapes(limit);
+  std::mt19937_64 rng(51), shadow_rng(51);
+  std::vector<std::unique_ptr<Tensor<param_t, float>>> tensors;
+  std::vector<std::unique_ptr<Tensor<float, float>>> shadows;  // the fp32 truth, from the masters
+  std::vector<std::unique_ptr<Buffer<float>>> masters;
+  for (const Shape& s : shapes) {
+    tensors.push_back(std::make_unique<Tensor<param_t, float>>(s, rng));
+    shadows.push_back(std::make_unique<Tensor<float, float>>(s, shadow_rng));
+    masters.push_back(std::make_unique<Buffer<float>>(tensors.back()->param.size(), 0));
+    Tensor<param_t, float>& t = *tensors.back();
+    Tensor<float, float>& shadow = *shadows.back();
+    for (size_t i = 0; i < t.param.size(); ++i) {
+      // The master keeps fp32 digits the param cannot hold.
+      (*masters.back())[i] = shadow.param[i];
+      t.param[i] = static_cast<param_t>(shadow.param[i]);
+      t.exp_avg[i] = shadow.exp_avg[i];
+    }
+    for (int64_t r = 0; r < s.rows; ++r) t.exp_avg_sq[r] = shadow.exp_avg_sq[r];
+  }
+  Launcher<param_t, float, ndadam::RowWrite::kMasterAndParam> launcher;
+  const Hyper h;
+  for (int step = 0; step < 2; ++step) {
+    std::vector<plan::TensorArguments> arguments;
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      tensors[i]->new_gradient(rng, 0.1);
+      plan::TensorArguments a = tensors[i]->arguments();
+      a.master = masters[i]->data();
+      arguments.push_back(a);
+      std::vector<float> grad(tensors[i]->grad.size());
+      for (size_t e = 0; e < grad.size(); ++e) grad[e] = static_cast<float>(tensors[i]->grad[e]);
+      shadows[i]->oracle_step(grad.data(), h.lr, h.beta1, h.beta2, h.eps);
+    }
+    launcher.launch(arguments, h, limit, what);
+  }
+  double worst = 0;
+  bool rounded = true;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    for (size_t e = 0; e < tensors[i]->param.size(); ++e) {
+      const float master = (*masters[i])[e];
+      worst = std::max(worst, std::abs(double(master) - shadows[i]->w64[e]));
+      const param_t nearest = static_cast<param_t>(master);
+      rounded = rounded && std::memcmp(&nearest, &tensors[i]->param[e], sizeof(param_t)) == 0;
+    }
+    check(tensors[i]->step[0] == 5.0f && masters[i]->guards_intact(), what + ": step count or master guards");
+  }
+  check(worst <= 1e-5, what + ": master copies off the fp32 run by " + std::to_string(worst));
+  check(rounded, what + ": a param is not its master rounded to nearest");
+}
+
+void test_master_copies() {
+  for (const int64_t limit : {ndadam::kSinglePassMaxRowLength, int64_t(0)}) {
+    check_master_copies<HostBFloat16>(limit);
+#ifdef NDADAM_HOST_HALF
+    check_master_copies<HostHalf>(limit);
+#endif
+  }
+}
+
+// ndadam_fused/rounding.py, written again from its docstring with its own int64 arithmetic and
+// masks (not from the kernels' header): the bf16 bits of x rounded stochastically.
+uint16_t specified_stochastic_bf16(float x, int64_t seed, float step, int64_t index) {
+  constexpr uint64_t kMask = 0xFFFFFFFFull;
+  auto mul32 = [](uint64_t a, uint64_t b) { return (a * b) & kMask; };  // a, b < 2^32: no overflow
+  auto fmix32 = [&](uint64_t v) {
+    v ^= v >> 16;
+    v = mul32(v, 0x85EBCA6Bull);
+    v ^= v >> 13;
+    v = mul32(v, 0xC2B2AE35ull);
+    return v ^ (v >> 16);
+  };
+  const uint64_t t = static_cast<uint64_t>(static_cast<int64_t>(step)) & kMask;
+  const uint64_t key = fmix32((static_cast<uint64_t>(seed) & kMask) ^ mul32(t, 0x85EBCA77ull));
+  const uint64_t random = fmix32(mul32(static_cast<uint64_t>(index) & kMask, 0x9E3779B1ull) ^ key) & 0xFFFFull;
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return static_cast<uint16_t>(((static_cast<uint64_t>(bits) + random) & 0xFFFF0000ull) >> 16);
+}
+
+// Stochastic rounding: a bf16 param gets w' rounded with the hash of (its seed, the step after
+// the increment, the element's row-major index), bit for bit the specification. w' itself is
+// what the master-copy kernel writes to its master when it starts from the same values (the same
+// plan and sums: both kernels step bf16 params), so the expected bits follow from that run.
+void test_stochastic_rounding_is_the_specification() {
+  for (const int64_t limit : {ndadam::kSinglePassMaxRowLength, int64_t(0)}) {
+    const std::string what = "stochastic rounding, " + path_name(limit);
+    const std::vector<Shape> shapes = option_shapes(limit);
+    std::mt19937_64 rng(61), twin_rng(61), seed_rng(62);
+    std::vector<std::unique_ptr<Tensor<HostBFloat16, float>>> rounded, twins;
+    std::vector<std::unique_ptr<Buffer<float>>> masters;
+    std::vector<int64_t> seeds;
+    for (const Shape& s : shapes) {
+      rounded.push_back(std::make_unique<Tensor<HostBFloat16, float>>(s, rng));
+      twins.push_back(std::make_unique<Tensor<HostBFloat16, float>>(s, twin_rng));
+      masters.push_back(std::make_unique<Buffer<float>>(rounded.back()->param.size(), 0));
+      // Seeds past 32 bits and negative ones: only the low 32 bits count.
+      seeds.push_back(static_cast<int64_t>(seed_rng()) >> (seeds.size() % 2 ? 0 : 20));
+    }
+    Launcher<HostBFloat16, float, ndadam::RowWrite::kStochasticParam> launcher;
+    Launcher<HostBFloat16, float, ndadam::RowWrite::kMasterAndParam> twin_launcher;
+    int64_t differ = 0, rounded_up = 0, rounded_down = 0, elements = 0;
+    for (int step = 0; step < 2; ++step) {
+      std::vector<plan::TensorArguments> arguments, twin_arguments;
+      for (size_t i = 0; i < shapes.size(); ++i) {
+        rounded[i]->new_gradient(rng, 0.1);
+        Tensor<HostBFloat16, float>& twin = *twins[i];
+        for (size_t e = 0; e < twin.param.size(); ++e) {
+          twin.grad[e] = rounded[i]->grad[e];
+          twin.param[e] = rounded[i]->param[e];
+          (*masters[i])[e] = static_cast<float>(rounded[i]->param[e]);
+        }
+        plan::TensorArguments a = rounded[i]->arguments();
+        a.rounding_seed = &seeds[i];
+        arguments.push_back(a);
+        plan::TensorArguments b = twin.arguments();
+        b.master = masters[i]->data();
+        twin_arguments.push_back(b);
+      }
+      launcher.launch(arguments, Hyper{}, limit, what);
+      twin_launcher.launch(twin_arguments, Hyper{}, limit, what + " (twin with master copies)");
+      for (size_t i = 0; i < shapes.size(); ++i) {
+        Tensor<HostBFloat16, float>& t = *rounded[i];
+        check(same_bits(t.exp_avg.data(), twins[i]->exp_avg.data(), t.exp_avg.size()) &&
+                  same_bits(t.exp_avg_sq.data(), twins[i]->exp_avg_sq.data(), t.exp_avg_sq.size()),
+              what + ": the moments differ from the twin's");
+        for (size_t e = 0; e < t.param.size(); ++e) {
+          const float w_new = (*masters[i])[e];
+          const uint16_t expected = specified_stochastic_bf16(w_new, seeds[i], t.step[0], static_cast<int64_t>(e));
+          differ += t.param[e].bits != expected;
+          const HostBFloat16 nearest(w_new);
+          rounded_up += static_cast<float>(t.param[e]) > static_cast<float>(nearest);
+          rounded_down += static_cast<float>(t.param[e]) < static_cast<float>(nearest);
+          ++elements;
+        }
+      }
+    }
+    check(differ == 0, what + ": " + std::to_string(differ) + " of " + std::to_string(elements) +
+                           " params differ from rounding.py's specification");
+    // Not round to nearest: many elements go the other way.
+    check(rounded_up > elements / 20 && rounded_down > elements / 20,
+          what + ": rounded away from nearest " + std::to_string(rounded_up) + " up and " +
+              std::to_string(rounded_down) + " down of " + std::to_string(elements));
+  }
+}
+
+// Issue 9 item 9: a step whose update is exactly zero (lr = 0; or m' = 0 on a row: zero
+// gradients from fresh state, the step distributed checkpointing runs to create state) leaves
+// every param bit as it was. The rows are unit only to fp32 rounding, so dividing them by their
+// norm again would move bits.
+template <typename param_t, typename acc_t>
+void check_zero_update(int64_t limit, bool zero_lr) {
+  const std::string what = std::string(type_name<param_t>()) + (zero_lr ? " lr = 0, " : " zero gradients, fresh state, ") +
+                           path_name(limit);
+  const std::vector<Shape> shapes = option_shapes(limit);
+  std::mt19937_64 rng(71);
+  std::vector<std::unique_ptr<Tensor<param_t, acc_t>>> tensors;
+  std::vector<std::vector<param_t>> before;
+  std::vector<plan::TensorArguments> arguments;
+  int64_t moved_rows_if_renormalized = 0;
+  for (const Shape& s : shapes) {
+    tensors.push_back(std::make_unique<Tensor<param_t, acc_t>>(s, rng));
+    Tensor<param_t, acc_t>& t = *tensors.back();
+    if (zero_lr) {
+      t.new_gradient(rng, 0.5);
+    } else {
+      std::fill(t.grad.data(), t.grad.data() + t.grad.size(), static_cast<param_t>(0.0f));
+      std::fill(t.exp_avg.data(), t.exp_avg.data() + t.exp_avg.size(), acc_t(0));
+      std::fill(t.exp_avg_sq.data(), t.exp_avg_sq.data() + s.rows, acc_t(0));
+      t.step[0] = 0.0f;
+    }
+    before.emplace_back(t.param.data(), t.param.data() + t.param.size());
+    for (int64_t r = 0; r < s.rows; ++r) {
+      acc_t sq = 0;
+      for (int64_t i = 0; i < s.row_length; ++i) sq += acc_t(t.param[r * s.row_length + i]) * acc_t(t.param[r * s.row_length + i]);
+      moved_rows_if_renormalized += sq != acc_t(1);
+    }
+    arguments.push_back(t.arguments());
+  }
+  check(moved_rows_if_renormalized > 0, what + ": every row is exactly unit, the test shows nothing");
+  Launcher<param_t, acc_t> launcher;
+  launcher.launch(arguments, Hyper{zero_lr ? 0.0 : 0.05, 0.9, 0.99, 1e-8}, limit, what);
+  int64_t moved = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    for (size_t e = 0; e < before[i].size(); ++e) {
+      moved += std::memcmp(&before[i][e], &tensors[i]->param[e], sizeof(param_t)) != 0;
+    }
+    check(tensors[i]->step[0] == (zero_lr ? 4.0f : 1.0f), what + ": the step did not count");
+  }
+  check(moved == 0, what + ": " + std::to_string(moved) + " param elements changed");
+}
+
+void test_zero_update_keeps_every_bit() {
+  for (const int64_t limit : {ndadam::kSinglePassMaxRowLength, int64_t(0)}) {
+    for (const bool zero_lr : {true, false}) {
+      check_zero_update<float, float>(limit, zero_lr);
+      check_zero_update<double, double>(limit, zero_lr);
+      check_zero_update<HostBFloat16, float>(limit, zero_lr);
+    }
+  }
+}
+
 // ---- The table cache, as vector_step_cuda.cu uses it -----------------------------------------
 
 // Steady state with fresh gradient tensors every step (zero_grad(set_to_none=True), FSDP2): no
@@ -753,6 +1090,12 @@ int main(int argc, char** argv) {
       {"new_shape_same_addresses_gets_new_table", test_new_shape_same_addresses_gets_new_table},
       {"misaligned_view_gets_narrow_accesses", test_misaligned_view_gets_narrow_accesses},
       {"hyperparameters_of_each_launch_are_used", test_hyperparameters_of_each_launch_are_used},
+      {"unscaling_equals_division", test_unscaling_equals_division},
+      {"grad_scale_unscales_on_the_fly", test_grad_scale_unscales_on_the_fly},
+      {"found_inf_changes_nothing", test_found_inf_changes_nothing},
+      {"master_copies", test_master_copies},
+      {"stochastic_rounding_is_the_specification", test_stochastic_rounding_is_the_specification},
+      {"zero_update_keeps_every_bit", test_zero_update_keeps_every_bit},
   };
   int ran = 0;
   for (const auto& [name, test] : tests) {
