@@ -118,16 +118,46 @@ def set_specializations(dtypes=(torch.float32, torch.float64)) -> list[dict]:
     return specs
 
 
+def _every_path(dtype: torch.dtype) -> tuple:
+    """An exact tile and a statistics row, aligned and not."""
+    state = torch.float64 if dtype == torch.float64 else torch.float32
+    exact = [(*triton_backend.WIDTH_CLASSES[state, aligned][triton_backend.width_class(96, state_dtype=state, aligned=aligned)], aligned)
+             for aligned in (True, False)]
+    return (*exact, (0, 0, 1, True), (0, 0, 1, False))
+
+
+#: The launch options compiled as kernels of their own (name suffix: param dtype, flags), as
+#: GradScaler, master weights and stochastic rounding launch them.
+FEATURE_VARIANTS = {
+    "float32_grad_scale": (torch.float32, dict(grad_scale=True, found_inf=True)),
+    "float16_grad_scale": (torch.float16, dict(grad_scale=True, found_inf=True)),
+    "bfloat16_master": (torch.bfloat16, dict(master=True)),
+    "bfloat16_stochastic": (torch.bfloat16, dict(stochastic=True)),
+    "bfloat16_master_grad_scale": (torch.bfloat16, dict(master=True, grad_scale=True, found_inf=True)),
+}
+
+
 def path_specializations() -> list[dict]:
-    """Per param dtype, a kernel with an exact tile and a statistics row, aligned and not: every
-    code path, for the checks of what the per-row arithmetic compiles to."""
+    """Per param dtype, and per launch option of FEATURE_VARIANTS, a kernel with every code path
+    (rows_*), for the checks of what the per-row arithmetic compiles to; and the two phases of
+    the rows-split step (split_statistics_*, split_apply_*)."""
     specs = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        state = torch.float64 if dtype == torch.float64 else torch.float32
-        exact = [(*triton_backend.WIDTH_CLASSES[state, aligned][triton_backend.width_class(96, state_dtype=state, aligned=aligned)], aligned)
-                 for aligned in (True, False)]
-        classes = (*exact, (0, 0, 1, True), (0, 0, 1, False))
-        specs.append(triton_backend.kernel_specialization(dtype, classes, f"rows_{str(dtype).removeprefix('torch.')}"))
+        specs.append(triton_backend.kernel_specialization(dtype, _every_path(dtype), f"rows_{str(dtype).removeprefix('torch.')}"))
+    for suffix, (dtype, flags) in FEATURE_VARIANTS.items():
+        specs.append(triton_backend.kernel_specialization(dtype, _every_path(dtype), f"rows_{suffix}", **flags))
+    for dtype in (torch.float32, torch.float64):
+        name = str(dtype).removeprefix("torch.")
+        specs.append(triton_backend.kernel_specialization(dtype, _every_path(dtype), f"split_statistics_{name}",
+                                                          mode=triton_backend._SPLIT_STATISTICS))
+        specs.append(triton_backend.kernel_specialization(dtype, _every_path(dtype), f"split_apply_{name}",
+                                                          mode=triton_backend._SPLIT_APPLY))
+    specs.append(triton_backend.kernel_specialization(
+        torch.bfloat16, _every_path(torch.bfloat16), "split_statistics_bfloat16_master", mode=triton_backend._SPLIT_STATISTICS,
+        master=True, grad_scale=True))
+    specs.append(triton_backend.kernel_specialization(
+        torch.bfloat16, _every_path(torch.bfloat16), "split_apply_bfloat16_stochastic", mode=triton_backend._SPLIT_APPLY,
+        stochastic=True, grad_scale=True, found_inf=True))
     return specs
 
 
