@@ -129,7 +129,6 @@ def _every_path(dtype: torch.dtype) -> tuple:
 #: The launch options compiled as kernels of their own (name suffix: param dtype, flags), as
 #: GradScaler, master weights and stochastic rounding launch them.
 FEATURE_VARIANTS = {
-    "float32_grad_scale": (torch.float32, dict(grad_scale=True, found_inf=True)),
     "float16_grad_scale": (torch.float16, dict(grad_scale=True, found_inf=True)),
     "bfloat16_master": (torch.bfloat16, dict(master=True)),
     "bfloat16_stochastic": (torch.bfloat16, dict(stochastic=True)),
@@ -146,11 +145,10 @@ def path_specializations() -> list[dict]:
         specs.append(triton_backend.kernel_specialization(dtype, _every_path(dtype), f"rows_{str(dtype).removeprefix('torch.')}"))
     for suffix, (dtype, flags) in FEATURE_VARIANTS.items():
         specs.append(triton_backend.kernel_specialization(dtype, _every_path(dtype), f"rows_{suffix}", **flags))
+    specs.append(triton_backend.kernel_specialization(torch.float32, _every_path(torch.float32), "split_statistics_float32",
+                                                      mode=triton_backend._SPLIT_STATISTICS))
     for dtype in (torch.float32, torch.float64):
-        name = str(dtype).removeprefix("torch.")
-        specs.append(triton_backend.kernel_specialization(dtype, _every_path(dtype), f"split_statistics_{name}",
-                                                          mode=triton_backend._SPLIT_STATISTICS))
-        specs.append(triton_backend.kernel_specialization(dtype, _every_path(dtype), f"split_apply_{name}",
+        specs.append(triton_backend.kernel_specialization(dtype, _every_path(dtype), f"split_apply_{str(dtype).removeprefix('torch.')}",
                                                           mode=triton_backend._SPLIT_APPLY))
     specs.append(triton_backend.kernel_specialization(
         torch.bfloat16, _every_path(torch.bfloat16), "split_statistics_bfloat16_master", mode=triton_backend._SPLIT_STATISTICS,

@@ -756,13 +756,17 @@ class TilePlan:
         return 1.0 - self.elements / self.lanes if self.lanes else 0.0
 
 
-def plan_tiles(rows, row_lens, aligned, single_pass_max: int = SINGLE_PASS_MAX, state_dtype: torch.dtype = torch.float32) -> TilePlan:
+def plan_tiles(rows, row_lens, aligned, single_pass_max: int = SINGLE_PASS_MAX, state_dtype: torch.dtype = torch.float32,
+               fewer_unaligned_rows: bool = False) -> TilePlan:
     """Pack every row of every tensor into tiles: rows of one width class and alignment share
     tiles, whatever tensor they come from, in tensor order. A tensor with 0 rows gets one empty
     slot (row -1), so that the launch counts its step.
 
     rows, row_lens, aligned: per tensor, its row count, row length and whether its rows start
-    on 16 bytes (then its tiles use 128-bit accesses).
+    on 16 bytes (then its tiles use 128-bit accesses). ``fewer_unaligned_rows``: unaligned
+    tiles hold half their rows (at least one), for launches whose elements have one more stream
+    (a master copy) or more work (stochastic rounding): with an address of its own per element
+    and stream, the tile of four 1024-wide rows spilled on sm_90 (tests/test_triton_sm90.py).
     """
     rows = np.asarray(rows, dtype=np.int64)
     row_lens = np.asarray(row_lens, dtype=np.int64)
@@ -782,6 +786,8 @@ def plan_tiles(rows, row_lens, aligned, single_pass_max: int = SINGLE_PASS_MAX, 
         member_rows = slot_rows[members]
         statistics = tile_class == statistics_class
         wide, narrow, slots_per_tile = (0, 0, 1) if statistics else WIDTH_CLASSES[state_dtype, is_aligned][tile_class]
+        if fewer_unaligned_rows and not is_aligned:
+            slots_per_tile = max(1, slots_per_tile // 2)
         starts = np.concatenate(([0], np.cumsum(member_rows)[:-1]))
         count = int(member_rows.sum())
         tensor_of_slot = np.repeat(members, member_rows)
@@ -999,7 +1005,8 @@ def _build_part(indices, params, exp_avgs, exp_avg_sqs, state_steps, master_para
     row_lens = np.array([math.prod(p.shape[1:]) for p in params], dtype=np.int64)
     aligned = bool(on_16[base]) & (param_delta % 16 == 0) & (exp_avg_delta % 16 == 0) & (master_delta % 16 == 0) \
         & (row_lens % row_vec == 0)
-    plan = plan_tiles(rows, row_lens, aligned, single_pass_max, state_dtype)
+    plan = plan_tiles(rows, row_lens, aligned, single_pass_max, state_dtype,
+                      fewer_unaligned_rows=master_params is not None or rounding_seeds is not None)
 
     def addresses(tensors):
         return np.zeros(len(params), dtype=np.int64) if tensors is None else np.array([t.data_ptr() for t in tensors], dtype=np.int64)
