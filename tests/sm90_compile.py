@@ -159,13 +159,38 @@ def path_specializations() -> list[dict]:
     return specs
 
 
+def _unaligned_plan_classes(dtype: torch.dtype) -> tuple:
+    """Every unaligned tile shape, as the backend plans them for launches that ask for fewer
+    unaligned rows (master copies, stochastic rounding, the rows-split apply phase)."""
+    state = torch.float64 if dtype == torch.float64 else torch.float32
+    widths = [wide + narrow for wide, narrow, _ in triton_backend.WIDTH_CLASSES[state, False]]
+    lengths = [width - 1 if width > 2 else width for width in widths] + [triton_backend.TILE_LANES[state, False] + 1]
+    plan = triton_backend.plan_tiles([3] * len(lengths), lengths, [False] * len(lengths), state_dtype=state,
+                                     fewer_unaligned_rows=True)
+    return plan.classes
+
+
+def unaligned_specializations() -> list[dict]:
+    """The launches with the most live values per element, over every unaligned tile shape (an
+    address per element and stream): where a tile of the plan spills first."""
+    classes = _unaligned_plan_classes(torch.bfloat16)
+    return [
+        triton_backend.kernel_specialization(torch.bfloat16, classes, "unaligned_bfloat16_master", master=True,
+                                             grad_scale=True, found_inf=True),
+        triton_backend.kernel_specialization(torch.bfloat16, classes, "unaligned_bfloat16_stochastic", stochastic=True),
+        triton_backend.kernel_specialization(torch.bfloat16, classes, "unaligned_split_apply_bfloat16_stochastic",
+                                             mode=triton_backend._SPLIT_APPLY, stochastic=True, grad_scale=True,
+                                             found_inf=True),
+    ]
+
+
 def main(out_dir: str) -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"triton": triton.__version__}
-    for spec in path_specializations() + set_specializations() + probes():
+    for spec in path_specializations() + unaligned_specializations() + set_specializations() + probes():
         report[spec["name"]] = compile_one(spec, out)
     print(json.dumps(report))
 

@@ -764,9 +764,10 @@ def plan_tiles(rows, row_lens, aligned, single_pass_max: int = SINGLE_PASS_MAX, 
 
     rows, row_lens, aligned: per tensor, its row count, row length and whether its rows start
     on 16 bytes (then its tiles use 128-bit accesses). ``fewer_unaligned_rows``: unaligned
-    tiles hold half their rows (at least one), for launches whose elements have one more stream
-    (a master copy) or more work (stochastic rounding): with an address of its own per element
-    and stream, the tile of four 1024-wide rows spilled on sm_90 (tests/test_triton_sm90.py).
+    tiles hold half their rows (at least one), for launches with more live values per row or
+    element: a master copy (one more address per element), stochastic rounding (the hash), the
+    rows-split apply phase (float64 closed forms of six sums per row). With an address of its
+    own per element and stream, such tiles spilled on sm_90 (tests/test_triton_sm90.py).
     """
     rows = np.asarray(rows, dtype=np.int64)
     row_lens = np.asarray(row_lens, dtype=np.int64)
@@ -885,21 +886,25 @@ def _addresses(tensors) -> tuple | None:
     return None if tensors is None else tuple(map(Tensor.data_ptr, tensors))
 
 
-def _table_key(params, exp_avgs, exp_avg_sqs, state_steps, single_pass_max, master_params, rounding_seeds) -> tuple:
+def _table_key(params, exp_avgs, exp_avg_sqs, state_steps, single_pass_max, master_params, rounding_seeds,
+               fewer_unaligned_rows) -> tuple:
     return (
-        params[0].device, params[0].dtype, single_pass_max,
+        params[0].device, params[0].dtype, single_pass_max, fewer_unaligned_rows,
         tuple(map(Tensor.data_ptr, params)), tuple([p.shape for p in params]), tuple(map(Tensor.data_ptr, exp_avgs)),
         _addresses(exp_avg_sqs), _addresses(state_steps), _addresses(master_params), _addresses(rounding_seeds),
     )
 
 
 def group_table(params, exp_avgs, exp_avg_sqs, state_steps, single_pass_max: int = SINGLE_PASS_MAX,
-                master_params=None, rounding_seeds=None) -> GroupTable:
+                master_params=None, rounding_seeds=None, fewer_unaligned_rows: bool = False) -> GroupTable:
     """The cached :class:`GroupTable` for these tensors; built only when a param, state tensor,
     master copy or seed moved or a param changed shape. Gradients are not part of it.
-    ``exp_avg_sqs`` and ``state_steps`` may be None (the rows-split statistics phase)."""
+    ``exp_avg_sqs`` and ``state_steps`` may be None (the rows-split statistics phase).
+    ``fewer_unaligned_rows``: see :func:`plan_tiles` (the rows-split apply phase asks for it;
+    master copies and rounding seeds imply it)."""
     global table_builds
-    key = _table_key(params, exp_avgs, exp_avg_sqs, state_steps, single_pass_max, master_params, rounding_seeds)
+    key = _table_key(params, exp_avgs, exp_avg_sqs, state_steps, single_pass_max, master_params, rounding_seeds,
+                     fewer_unaligned_rows)
     table = _CAPTURED_TABLES.get(key)
     if table is not None:
         return table
@@ -917,7 +922,8 @@ def group_table(params, exp_avgs, exp_avg_sqs, state_steps, single_pass_max: int
     for indices in grouped.values():
         lists = [None if tensors is None else [tensors[i] for i in indices]
                  for tensors in (params, exp_avgs, exp_avg_sqs, state_steps, master_params, rounding_seeds)]
-        parts.append(_build_part(None if len(grouped) == 1 else indices, *lists, first_rows[indices], single_pass_max))
+        parts.append(_build_part(None if len(grouped) == 1 else indices, *lists, first_rows[indices], single_pass_max,
+                                 fewer_unaligned_rows))
     table = GroupTable(parts)
     _TABLE_CACHE[key] = table
     if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
@@ -977,7 +983,7 @@ def _check_part(positions, params, exp_avgs, exp_avg_sqs, state_steps, master_pa
 
 
 def _build_part(indices, params, exp_avgs, exp_avg_sqs, state_steps, master_params, rounding_seeds, first_rows,
-                single_pass_max) -> _Part:
+                single_pass_max, fewer_unaligned_rows) -> _Part:
     device, param_dtype = params[0].device, params[0].dtype
     state_dtype = _state_dtype_of(param_dtype)
     positions = indices if indices is not None else range(len(params))
@@ -1006,7 +1012,7 @@ def _build_part(indices, params, exp_avgs, exp_avg_sqs, state_steps, master_para
     aligned = bool(on_16[base]) & (param_delta % 16 == 0) & (exp_avg_delta % 16 == 0) & (master_delta % 16 == 0) \
         & (row_lens % row_vec == 0)
     plan = plan_tiles(rows, row_lens, aligned, single_pass_max, state_dtype,
-                      fewer_unaligned_rows=master_params is not None or rounding_seeds is not None)
+                      fewer_unaligned_rows=fewer_unaligned_rows or master_params is not None or rounding_seeds is not None)
 
     def addresses(tensors):
         return np.zeros(len(params), dtype=np.int64) if tensors is None else np.array([t.data_ptr() for t in tensors], dtype=np.int64)
@@ -1157,7 +1163,8 @@ def _run(mode: int, params, grads, exp_avgs, exp_avg_sqs, state_steps, *, hyper,
          rounding_seeds, statistics, single_pass_max) -> None:
     """Build or find the table, write the gradients' offsets, launch once per part."""
     device = params[0].device
-    table_args = (params, exp_avgs, exp_avg_sqs, state_steps, single_pass_max, master_params, rounding_seeds)
+    table_args = (params, exp_avgs, exp_avg_sqs, state_steps, single_pass_max, master_params, rounding_seeds,
+                  mode == _SPLIT_APPLY)
     table = group_table(*table_args)
     capturing = _is_capturing(params[0])
     if capturing and not all(part.captured for part in table.parts):
