@@ -430,9 +430,24 @@ def refused_placement() -> dict:
     return {"message": None, "unchanged": torch.equal(before, weight.to_local())}
 
 
-def missing_row_split_backend(backend: str) -> dict:
+def missing_row_split_backend(backend: str, hidden: tuple[str, ...] = ()) -> dict:
     """A backend without the rows-split step, on a Shard(1) param: an error naming what is
-    missing, raised before anything is modified (no state, params untouched)."""
+    missing, raised before anything is modified (no state, params untouched). ``hidden``: the
+    backend module's functions to take away for this job (every backend now has them)."""
+    from ndadam_fused import backends
+
+    module = backends._module(backend)
+    taken = {name: getattr(module, name) for name in hidden}
+    for name in hidden:
+        delattr(module, name)
+    try:
+        return _missing_row_split_backend(backend)
+    finally:
+        for name, function in taken.items():
+            setattr(module, name, function)
+
+
+def _missing_row_split_backend(backend: str) -> dict:
     mesh = _mesh_1d()
     full = _full_values([(4, 6)], torch.float32, seed=13)[0]
     normalize_rows_(full)

@@ -118,17 +118,70 @@ def set_specializations(dtypes=(torch.float32, torch.float64)) -> list[dict]:
     return specs
 
 
+def _every_path(dtype: torch.dtype) -> tuple:
+    """An exact tile and a statistics row, aligned and not."""
+    state = torch.float64 if dtype == torch.float64 else torch.float32
+    exact = [(*triton_backend.WIDTH_CLASSES[state, aligned][triton_backend.width_class(96, state_dtype=state, aligned=aligned)], aligned)
+             for aligned in (True, False)]
+    return (*exact, (0, 0, 1, True), (0, 0, 1, False))
+
+
+#: The launch options compiled as kernels of their own (name suffix: param dtype, flags), as
+#: GradScaler, master weights and stochastic rounding launch them.
+FEATURE_VARIANTS = {
+    "float16_grad_scale": (torch.float16, dict(grad_scale=True, found_inf=True)),
+    "bfloat16_master": (torch.bfloat16, dict(master=True)),
+    "bfloat16_stochastic": (torch.bfloat16, dict(stochastic=True)),
+    "bfloat16_master_grad_scale": (torch.bfloat16, dict(master=True, grad_scale=True, found_inf=True)),
+}
+
+
 def path_specializations() -> list[dict]:
-    """Per param dtype, a kernel with an exact tile and a statistics row, aligned and not: every
-    code path, for the checks of what the per-row arithmetic compiles to."""
+    """Per param dtype, and per launch option of FEATURE_VARIANTS, a kernel with every code path
+    (rows_*), for the checks of what the per-row arithmetic compiles to; and the two phases of
+    the rows-split step (split_statistics_*, split_apply_*)."""
     specs = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        state = torch.float64 if dtype == torch.float64 else torch.float32
-        exact = [(*triton_backend.WIDTH_CLASSES[state, aligned][triton_backend.width_class(96, state_dtype=state, aligned=aligned)], aligned)
-                 for aligned in (True, False)]
-        classes = (*exact, (0, 0, 1, True), (0, 0, 1, False))
-        specs.append(triton_backend.kernel_specialization(dtype, classes, f"rows_{str(dtype).removeprefix('torch.')}"))
+        specs.append(triton_backend.kernel_specialization(dtype, _every_path(dtype), f"rows_{str(dtype).removeprefix('torch.')}"))
+    for suffix, (dtype, flags) in FEATURE_VARIANTS.items():
+        specs.append(triton_backend.kernel_specialization(dtype, _every_path(dtype), f"rows_{suffix}", **flags))
+    specs.append(triton_backend.kernel_specialization(torch.float32, _every_path(torch.float32), "split_statistics_float32",
+                                                      mode=triton_backend._SPLIT_STATISTICS))
+    for dtype in (torch.float32, torch.float64):
+        specs.append(triton_backend.kernel_specialization(dtype, _every_path(dtype), f"split_apply_{str(dtype).removeprefix('torch.')}",
+                                                          mode=triton_backend._SPLIT_APPLY))
+    specs.append(triton_backend.kernel_specialization(
+        torch.bfloat16, _every_path(torch.bfloat16), "split_statistics_bfloat16_master", mode=triton_backend._SPLIT_STATISTICS,
+        master=True, grad_scale=True))
+    specs.append(triton_backend.kernel_specialization(
+        torch.bfloat16, _every_path(torch.bfloat16), "split_apply_bfloat16_stochastic", mode=triton_backend._SPLIT_APPLY,
+        stochastic=True, grad_scale=True, found_inf=True))
     return specs
+
+
+def _unaligned_plan_classes(dtype: torch.dtype) -> tuple:
+    """Every unaligned tile shape, as the backend plans them for launches that ask for fewer
+    unaligned rows (master copies, stochastic rounding, the rows-split apply phase)."""
+    state = torch.float64 if dtype == torch.float64 else torch.float32
+    widths = [wide + narrow for wide, narrow, _ in triton_backend.WIDTH_CLASSES[state, False]]
+    lengths = [width - 1 if width > 2 else width for width in widths] + [triton_backend.TILE_LANES[state, False] + 1]
+    plan = triton_backend.plan_tiles([3] * len(lengths), lengths, [False] * len(lengths), state_dtype=state,
+                                     fewer_unaligned_rows=True)
+    return plan.classes
+
+
+def unaligned_specializations() -> list[dict]:
+    """The launches with the most live values per element, over every unaligned tile shape (an
+    address per element and stream): where a tile of the plan spills first."""
+    classes = _unaligned_plan_classes(torch.bfloat16)
+    return [
+        triton_backend.kernel_specialization(torch.bfloat16, classes, "unaligned_bfloat16_master", master=True,
+                                             grad_scale=True, found_inf=True),
+        triton_backend.kernel_specialization(torch.bfloat16, classes, "unaligned_bfloat16_stochastic", stochastic=True),
+        triton_backend.kernel_specialization(torch.bfloat16, classes, "unaligned_split_apply_bfloat16_stochastic",
+                                             mode=triton_backend._SPLIT_APPLY, stochastic=True, grad_scale=True,
+                                             found_inf=True),
+    ]
 
 
 def main(out_dir: str) -> None:
@@ -137,7 +190,7 @@ def main(out_dir: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"triton": triton.__version__}
-    for spec in path_specializations() + set_specializations() + probes():
+    for spec in path_specializations() + unaligned_specializations() + set_specializations() + probes():
         report[spec["name"]] = compile_one(spec, out)
     print(json.dumps(report))
 

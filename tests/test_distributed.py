@@ -212,7 +212,7 @@ def test_partial_placement_is_refused_naming_the_parameter(ranks):
 
 
 def test_backend_without_the_rows_split_step_is_refused_before_any_change(ranks):
-    for result in ranks.run(cases.missing_row_split_backend, backend="triton"):
+    for result in ranks.run(cases.missing_row_split_backend, backend="triton", hidden=backends.ROW_SPLIT_FUNCTIONS):
         message = result["message"]
         assert message is not None and "'triton'" in message
         assert "row_statistics, apply_row_statistics" in message
@@ -425,6 +425,11 @@ def test_native_rows_split_ops_name_a_bad_argument_and_change_nothing():
 def test_registry_names_what_a_backend_lacks(monkeypatch):
     assert backends.ROW_SPLIT_FUNCTIONS == ("row_statistics", "apply_row_statistics")
     assert backends.resolve_row_split("reference", "cpu") is reference
+    from ndadam_fused.backends import triton_backend
+
+    assert backends.resolve_row_split("triton", "cpu") is triton_backend
+    for name in backends.ROW_SPLIT_FUNCTIONS:
+        monkeypatch.delattr(triton_backend, name)
     assert "does not define row_statistics, apply_row_statistics" in backends.row_split_unavailable_reason("triton", "cpu")
     with pytest.raises(RuntimeError, match="backend 'triton' cannot step parameters whose rows are split"):
         backends.resolve_row_split("triton", "cpu")

@@ -166,7 +166,7 @@ def _table_buffers():
     """Addresses of every device buffer of every cached Triton table."""
     tables = list(triton_backend._TABLE_CACHE.values()) + list(triton_backend._CAPTURED_TABLES.values())
     return {buffer.data_ptr() for table in tables for part in table.parts
-            for buffer in (part.tensor_table, part.slot_table, part.tile_table, part.grad_offsets, part.hyper, part.arrivals)}
+            for buffer in (part.tensor_table, part.slot_table, part.tile_table, part.grad_offsets, part.arrivals)}
 
 
 class _HostTraffic:
@@ -313,8 +313,7 @@ def test_host_only_benchmark_reports_triton_host_time_next_to_native(tmp_path, c
 def test_a_table_used_in_a_capture_outlives_the_cache(monkeypatch, device):
     """A table that a CUDA graph captured is read at every replay: more distinct tables than
     the LRU holds must not evict it, and eager steps after the capture must rewrite what a
-    replay overwrites (gradient offsets, hyperparameters) even when their own values did not
-    change. The capture and the replay's copies are simulated here (CPU); the GPU test below
+    replay overwrites (the gradient offsets) even when their own values did not change. The capture and the replay's copies are simulated here (CPU); the GPU test below
     captures and replays for real."""
     generator = torch.Generator().manual_seed(19)
     weights = [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=torch.float64).to(device)) for s in [(6, 5), (3, 40)]]
@@ -345,7 +344,7 @@ def test_a_table_used_in_a_capture_outlives_the_cache(monkeypatch, device):
     opt.param_groups[0]["lr"] = ref_opt.param_groups[0]["lr"] = 0.3
     step(capture=True)
     captured = table()
-    replay_writes = [(part.grad_offsets.clone(), part.hyper.clone()) for part in captured.parts]
+    replay_writes = [part.grad_offsets.clone() for part in captured.parts]
     buffers = [part.tile_table.data_ptr() for part in captured.parts]
     for i in range(triton_backend._TABLE_CACHE_SIZE + 4):
         other = torch.nn.Parameter(torch.randn(2, 3 + i, dtype=torch.float64, device=device))
@@ -355,9 +354,8 @@ def test_a_table_used_in_a_capture_outlives_the_cache(monkeypatch, device):
     assert table() is captured and [part.tile_table.data_ptr() for part in captured.parts] == buffers
     opt.param_groups[0]["lr"] = ref_opt.param_groups[0]["lr"] = 0.1
     step()  # eager: new gradients, another lr
-    for part, (grad_offsets, hyper) in zip(captured.parts, replay_writes):  # what a replay copies
+    for part, grad_offsets in zip(captured.parts, replay_writes):  # what a replay copies
         part.grad_offsets.copy_(grad_offsets)
-        part.hyper.copy_(hyper)
     step(in_place=True)  # the same gradients and lr as the last eager step
     _assert_same_params(weights, references)
 
