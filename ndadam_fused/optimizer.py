@@ -779,6 +779,10 @@ class NDAdam(Optimizer):
                     state["master_param"] = new_exp_avg(param, unit_dim, torch.float32).copy_(master)
                 else:
                     state["master_param"] = master.to(device=param.device, dtype=torch.float32)
+            seed = saved_state.get("rounding_seed")
+            if isinstance(seed, Tensor):
+                # torch cast it to the param's dtype too: a bf16 seed keeps 8 of its 32 bits.
+                state["rounding_seed"] = seed.to(device=param.device, dtype=torch.int64)
             step = saved_state.get("step")
             if step is not None:
                 step_value = step if isinstance(step, Tensor) else torch.tensor(float(step))

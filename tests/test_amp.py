@@ -4,6 +4,7 @@ Every test runs on every backend that runs on the CPU (Triton under its interpre
 tests run on CUDA in benchmarks/gpu_check.sh.
 """
 
+import copy
 import io
 import os
 
@@ -86,12 +87,17 @@ def test_a_scaled_run_equals_unscaled_training(backend, clip):
             scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(scaled.parameters(), 1.0)
         else:
-            grads_before = [p.grad.clone() for p in scaled.parameters()]
+            grads_before = {p: p.grad.clone() for p in scaled.parameters()}
+            scale = scaler.get_scale()
         scaler.step(opt)
         if not clip:
-            # The scaler did not unscale the gradients: the step divided them on the fly.
-            for before, p in zip(grads_before, scaled.parameters()):
-                assert torch.equal(before, p.grad)
+            # The scaler did not unscale the gradients: the step divided them on the fly. The
+            # vector kernels read them only; the scalars' Adam leaves them unscaled, as torch's
+            # fused Adam does, in every backend.
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    expected = grads_before[p] if group["vector"] else grads_before[p] / scale
+                    assert torch.equal(expected, p.grad), group["vector"]
         scaler.update()
     for p, q in zip(plain.parameters(), scaled.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
@@ -195,3 +201,43 @@ def test_bad_mixed_precision_options_are_refused():
         NDAdam([w], master_weights=True, stochastic_rounding=True)
     with pytest.raises(ValueError, match=r"'master_weights' must be True or False"):
         NDAdam([{"params": [w], "master_weights": 1}])
+
+
+def test_the_scalars_adam_op_declares_what_it_mutates():
+    """With a grad_scale torch's fused Adam writes the unscaled gradients back: the custom op that
+    torch.compile sees must say so (opcheck compares the schema with what the op mutates)."""
+    from ndadam_fused.backends.scalars import fused_adam_
+
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(7, generator=generator), torch.randn(3, 5, generator=generator)]
+    grads = [torch.randn(p.shape, generator=generator) * 1024 for p in params]
+    exp_avgs, exp_avg_sqs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    steps = [torch.tensor(0.0) for _ in params]
+    for grad_scale, found_inf in ((None, None), (torch.tensor(1024.0), torch.tensor(0.0))):
+        torch.library.opcheck(fused_adam_, (params, grads, exp_avgs, exp_avg_sqs, steps, torch.tensor(0.01),
+                                            0.9, 0.99, 1e-8, 0.0, grad_scale, found_inf))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rounding_seeds_survive_a_reload(backend):
+    """torch's load_state_dict casts every state tensor of a bf16 param to bf16: a seed (32 bits)
+    would lose most of them, and a resumed run would round with other random bits."""
+    generator = torch.Generator().manual_seed(3)
+    params = [nn.Parameter(torch.randn(8, 16, generator=generator).to(DEVICE, torch.bfloat16)) for _ in range(3)]
+    opt = NDAdam(params, lr=1e-2, backend=backend, stochastic_rounding=True)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator).to(DEVICE, torch.bfloat16)
+    opt.step()
+    seeds = [opt.state[p]["rounding_seed"].clone() for p in params]
+    assert len({int(s) for s in seeds}) == 3 and max(int(s) for s in seeds) > 2**16
+    twin = [nn.Parameter(p.detach().clone()) for p in params]
+    twin_opt = NDAdam(twin, lr=1e-2, backend=backend, stochastic_rounding=True)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for p, q, seed in zip(params, twin, seeds):
+        assert twin_opt.state[q]["rounding_seed"].dtype == torch.int64
+        assert torch.equal(twin_opt.state[q]["rounding_seed"], seed)
+        q.grad = p.grad.clone()
+    opt.step()
+    twin_opt.step()
+    for p, q in zip(params, twin):
+        assert torch.equal(p, q)

@@ -127,14 +127,6 @@ def unavailable_reason(device: torch.device) -> str | None:
     )
 
 
-def _refuse_unbuilt_features(grad_scale, found_inf, master_params, rounding_seeds) -> None:
-    """Used by the Triton backend until its kernels take these options (the native ones do)."""
-    wanted = [name for name, value in (("GradScaler's grad_scale/found_inf", grad_scale if grad_scale is not None else found_inf),
-                                       ("master_weights", master_params), ("stochastic_rounding", rounding_seeds)) if value is not None]
-    if wanted:
-        raise NotImplementedError(f"the Triton kernels do not implement {', '.join(wanted)} yet; use backend='reference'")
-
-
 def _single_pass_limit() -> int:
     return -1 if SINGLE_PASS_MAX_ROW_LENGTH is None else int(SINGLE_PASS_MAX_ROW_LENGTH)
 
@@ -191,7 +183,7 @@ def vector_step(
             _on(grad_scale, device),
             _on(found_inf, device),
             group_masters,
-            [] if rounding_seeds is None else [_seed(rounding_seeds[i]) for i in indices],
+            [] if rounding_seeds is None else [rounding_seeds[i] for i in indices],
             _single_pass_limit(),
         )
         for k, (param, exp_avg, master) in originals.items():
@@ -199,13 +191,6 @@ def vector_step(
             exp_avg.copy_(group_exp_avgs[k])
             if master is not None:
                 master.copy_(group_masters[k])
-
-
-def _seed(seed: Tensor) -> Tensor:
-    """A rounding seed as the kernels take it (int64), read as the reference reads it
-    (``seed.to(torch.int64)``): torch's Optimizer.load_state_dict casts every state tensor of a
-    floating-point param to the param's dtype, the seed included."""
-    return seed if seed.dtype == torch.int64 else seed.to(torch.int64)
 
 
 def _on(tensor: Tensor | None, device: torch.device) -> Tensor | None:
@@ -305,6 +290,6 @@ def apply_row_statistics(
             list(exp_avg_sqs[start:end]), list(state_steps[start:end]), statistics.narrow(0, offset, rows),
             _on(hyper, device), _on(grad_scale, device), _on(found_inf, device),
             [] if master_params is None else list(master_params[start:end]),
-            [] if rounding_seeds is None else [_seed(seed) for seed in rounding_seeds[start:end]],
+            [] if rounding_seeds is None else list(rounding_seeds[start:end]),
         )
         offset += rows

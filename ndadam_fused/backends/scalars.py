@@ -59,8 +59,12 @@ def adam_step(
         if found_inf is not None and bool(found_inf.to("cpu", torch.float32) != 0):
             return
         if grad_scale is not None:
-            grads = [g / grad_scale.to(g.device, g.dtype) for g in grads]
+            # As torch's fused Adam does (the other implementation): the gradients are unscaled
+            # in place, where they own their memory.
+            grads = [g.div_(grad_scale.to(g.device, g.dtype)) if _dense(g) else g / grad_scale.to(g.device, g.dtype)
+                     for g in grads]
         grad_scale = found_inf = None
+    given_grads = grads
     targets = params
     if master_params is not None:
         targets = master_params
@@ -93,6 +97,13 @@ def adam_step(
         else:
             _adam([targets, grads, exp_avgs, exp_avg_sqs, state_steps], lr, beta1, beta2, eps, weight_decay,
                   fused=True, grad_scale=grad_scale, found_inf=found_inf)
+            if grad_scale is not None:
+                # torch's fused Adam wrote the unscaled gradients into the copies (fp32 ones for a
+                # master copy, or ones laid out like the param): into the given gradients too, where
+                # they own their memory, as for every other scalar.
+                for given, used in zip(given_grads, grads):
+                    if used is not given and _dense(given):
+                        given.copy_(used)
     else:
         _adam([targets, grads, exp_avgs, exp_avg_sqs, state_steps], lr, beta1, beta2, eps, weight_decay, fused=False)
 
@@ -119,7 +130,10 @@ def _adam(lists, lr, beta1, beta2, eps, weight_decay, *, fused: bool, grad_scale
     )
 
 
-@torch.library.custom_op("ndadam_fused_scalars::fused_adam_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "state_steps"))
+# grads are mutated too: with a grad_scale, torch's fused Adam writes the unscaled gradients back
+# (as GradScaler.unscale_ would have left them).
+@torch.library.custom_op("ndadam_fused_scalars::fused_adam_",
+                         mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps"))
 def fused_adam_(
     params: list[Tensor],
     grads: list[Tensor],
