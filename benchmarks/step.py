@@ -2,6 +2,7 @@
 
     python -m benchmarks.step [--device cpu|cuda] [--dtype float32] [--sets a,b] [--repeats N]
                               [--quick] [--out benchmarks/results] [--tag NAME]
+    python -m benchmarks.step --dtype bfloat16 [--sets a,b]     # master weights, stochastic rounding
     python -m benchmarks.step --host-only [--sets many-small] [--repeats N]
 
 For every parameter set (benchmarks/param_sets.py) and every candidate it reports the median
@@ -46,7 +47,11 @@ BASELINES = ("ndadam-reference", "unfused", "adam-foreach", "adam-fused")
 #: The same step on weights stored [in, out] (Hugging Face's Conv1D: unit_dim 1), which the
 #: backends step through a transposed work copy: the cost of that layout, in the same run.
 UNIT_DIM_1 = ("ndadam-native-unit-dim-1", "ndadam-triton-unit-dim-1")
-CANDIDATES = ("ndadam-native", "ndadam-triton") + UNIT_DIM_1 + BASELINES + ("copy",)
+#: bf16/fp16 params kept from stalling (issue 12): an fp32 master copy in the state, or bf16
+#: stochastic rounding. Timed with ``--dtype bfloat16`` (or float16: master copies only).
+LOW_PRECISION_MODES = {"master": dict(master_weights=True), "stochastic-rounding": dict(stochastic_rounding=True)}
+MIXED = tuple(f"ndadam-{backend}-{mode}" for backend in ("native", "triton") for mode in LOW_PRECISION_MODES)
+CANDIDATES = ("ndadam-native", "ndadam-triton") + UNIT_DIM_1 + MIXED + BASELINES + ("copy",)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -64,15 +69,23 @@ def is_vector(p: torch.Tensor) -> bool:
     return p.dim() >= 2 and p.numel() > p.shape[0]
 
 
-def _bytes_ndadam(params: list[torch.Tensor]) -> int:
+def _bytes_ndadam(params: list[torch.Tensor], mode: str | None = None) -> int:
     """DESIGN.md section 5: vectors read w, ḡ, m and write w, m (20 B per fp32 element) plus
-    v per row; scalars are Adam's (read p, g, m, v; write p, m, v)."""
+    v per row; scalars are Adam's (read p, g, m, v; write p, m, v).
+
+    ``mode`` (bf16/fp16 params): "master" also reads and writes the fp32 master copy (8 B per
+    element); with it or "stochastic-rounding" the scalars' moments are fp32. Stochastic
+    rounding moves no extra byte: its random bits are a hash of the element's index.
+    """
     total = 0
     for p in params:
         size = p.element_size()
         state = 8 if p.dtype == torch.float64 else 4
+        master = 8 if mode == "master" else 0
         if is_vector(p):
-            total += p.numel() * (3 * size + 2 * state) + p.shape[0] * 2 * state
+            total += p.numel() * (3 * size + 2 * state + master) + p.shape[0] * 2 * state
+        elif mode is not None:
+            total += p.numel() * (3 * size + 4 * 4 + master)
         else:
             total += p.numel() * 7 * size
     return total
@@ -118,6 +131,20 @@ def make_candidate(name: str, params: list[torch.nn.Parameter], device: torch.de
         )
         opt.step()
         return Candidate(name, opt.step, _bytes_ndadam(params), _state_bytes(opt), [opt, stored])
+    if name in MIXED:
+        backend, mode = name.removeprefix("ndadam-").split("-", 1)
+        if backend == "triton" and device.type != "cuda":
+            return "the Triton backend runs CPU tensors only in its interpreter, which is not a speed path"
+        reason = nd_backends.unavailable_reason(backend, device)
+        if reason is not None:
+            return reason
+        dtype = params[0].dtype
+        if dtype not in (torch.bfloat16, torch.float16) or (mode == "stochastic-rounding" and dtype != torch.bfloat16):
+            wanted = "bfloat16" if mode == "stochastic-rounding" else "bfloat16 or float16"
+            return f"{mode} applies to {wanted} params: run with --dtype {wanted.split()[0]}"
+        opt = NDAdam(params, lr=1e-3, vector_lr=0.05, betas=(0.9, 0.99), backend=backend, **LOW_PRECISION_MODES[mode])
+        opt.step()  # lazy state, the master copies included
+        return Candidate(name, opt.step, _bytes_ndadam(params, mode), _state_bytes(opt), [opt])
     if name.startswith("ndadam-"):
         backend = name.removeprefix("ndadam-")
         if backend == "triton" and device.type != "cuda":
@@ -492,7 +519,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     parser.add_argument("--sets", default=None, help="comma-separated: " + ", ".join(param_sets.SETS))
-    parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated subset of " + ", ".join(CANDIDATES))
+    parser.add_argument("--candidates", default=None,
+                        help="comma-separated subset of " + ", ".join(CANDIDATES) + " (default: all; the "
+                        "master/stochastic-rounding ones only with --dtype bfloat16 or float16)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--budget-s", type=float, default=20.0, help="CPU: stop repeating a case after this many seconds (at least 3 repeats)")
@@ -519,6 +548,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sets = [s for s in args.sets.split(",") if s]
     for name in args.sets:
         param_sets.shapes(name)  # unknown names fail here, before anything runs
+    if args.candidates is None:
+        low_precision = args.dtype in ("bfloat16", "float16")
+        args.candidates = ",".join(c for c in CANDIDATES if low_precision or c not in MIXED)
     args.candidates = [c for c in args.candidates.split(",") if c]
     unknown = set(args.candidates) - set(CANDIDATES)
     if unknown:

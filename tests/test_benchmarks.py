@@ -1,8 +1,10 @@
 """The benchmark command runs (quick mode, CPU) and writes what it promises; times are not judged."""
 
 import csv
+import math
 
 import pytest
+import torch
 
 from benchmarks import param_sets, step
 
@@ -28,7 +30,7 @@ def test_quick_mode_writes_csv_and_plot(tmp_path, capsys):
 
 def test_parameter_sets_have_the_architectures_sizes():
     def vector_elements(name):
-        return sum(int(__import__("math").prod(s)) for s in param_sets.shapes(name) if len(s) >= 2)
+        return sum(int(math.prod(s)) for s in param_sets.shapes(name) if len(s) >= 2)
 
     assert vector_elements("wrn-28-10") == pytest.approx(36.5e6, rel=0.01)  # WRN-28-10: 36.5M parameters
     assert vector_elements("gpt2-small") == pytest.approx(124.3e6, rel=0.01)  # GPT-2 small with embeddings
@@ -101,3 +103,34 @@ def test_repeated_runs_report_the_median_ratio_and_its_range():
     (row,) = summarize([run(7, 10), run(9, 10), run(6, 10), run(8, 10), run(20, 10)], "ndadam-native", "adam-fused")
     assert row["runs"] == 5 and row["median_ratio"] == pytest.approx(0.8)
     assert (row["min_ratio"], row["max_ratio"]) == (pytest.approx(0.6), pytest.approx(2.0))
+
+
+def test_bf16_run_times_master_weights_and_stochastic_rounding(tmp_path):
+    """Issue 12: what each way of keeping small bf16 updates costs, in bytes and time, in one run."""
+    names = "ndadam-native,ndadam-native-master,ndadam-native-stochastic-rounding,adam-fused"
+    assert step.main(["--device", "cpu", "--dtype", "bfloat16", "--sets", "wrn-16-4", "--repeats", "3",
+                      "--candidates", names, "--out", str(tmp_path), "--tag", "bf16", "--no-plot"]) == 0
+    rows = {r["candidate"]: r for r in csv.DictReader(open(tmp_path / "step_cpu_bf16.csv"))}
+    assert set(rows) == set(names.split(","))
+    shapes = param_sets.shapes("wrn-16-4")
+    vector_elements = sum(math.prod(s) for s in shapes if len(s) >= 2)
+    scalar_elements = sum(math.prod(s) for s in shapes if len(s) == 1)
+    plain = int(rows["ndadam-native"]["bytes_per_step"])
+    # Scalars step in fp32 with either mode: their moments are 4 B, not 2 (16 B against 8).
+    assert int(rows["ndadam-native-stochastic-rounding"]["bytes_per_step"]) == plain + 8 * scalar_elements
+    assert int(rows["ndadam-native-master"]["bytes_per_step"]) == plain + 16 * scalar_elements + 8 * vector_elements
+    # The master copy is state: 4 B per element, where stochastic rounding keeps one int64 seed
+    # per tensor.
+    master_state = int(rows["ndadam-native-master"]["state_bytes"])
+    rounding_state = int(rows["ndadam-native-stochastic-rounding"]["state_bytes"])
+    assert master_state - rounding_state == 4 * (vector_elements + scalar_elements) - 8 * len(shapes)
+    for r in rows.values():
+        assert float(r["median_ms"]) > 0 and r["dtype"] == "bfloat16"
+
+
+def test_mixed_precision_candidates_need_low_precision_params():
+    assert not set(step.MIXED) & set(step.parse_args(["--device", "cpu"]).candidates)
+    assert set(step.MIXED) <= set(step.parse_args(["--device", "cpu", "--dtype", "bfloat16"]).candidates)
+    params = param_sets.build("many-small", "cpu", torch.float32)[:8]
+    reason = step.make_candidate("ndadam-native-master", params, torch.device("cpu"))
+    assert isinstance(reason, str) and "--dtype bfloat16" in reason

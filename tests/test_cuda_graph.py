@@ -1,9 +1,11 @@
-"""A CUDA graph that captured an NDAdam step (backend="triton") reads, at every replay, what the
-device tensors hold then: the lr (a tensor lr, which the optimizer copies into its hyper tensor
-inside the graph), GradScaler's grad_scale and found_inf. Issue 12 item 3.
+"""A CUDA graph that captured a whole NDAdam step (vectors and scalars) reads, at every replay,
+what the device tensors hold then: the lr (a tensor lr, which the optimizer copies into its
+hyper tensor inside the graph), GradScaler's grad_scale and found_inf. Both fused backends.
+Issue 12 item 3.
 
 GPU only (benchmarks/gpu_check.sh runs it); the CPU tests of the same reads are in
-test_triton_options.py (a launch replayed with the hyper tensor changed in place).
+test_triton_options.py (a launch replayed with the hyper tensor changed in place) and
+test_native.py; the table-cache churn under a graph is in test_native.py and test_triton_host.py.
 """
 
 import copy
@@ -13,20 +15,25 @@ import pytest
 import torch
 
 from ndadam_fused import NDAdam
+from ndadam_fused.backends import unavailable_reason
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(INTERPRETER or not torch.cuda.is_available(),
                                 reason="CUDA graphs need a GPU: benchmarks/gpu_check.sh runs this")
 
 
-def test_replays_read_lr_grad_scale_and_found_inf_from_the_device():
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_replays_read_lr_grad_scale_and_found_inf_from_the_device(backend):
+    reason = unavailable_reason(backend, torch.device("cuda"))
+    if reason is not None:
+        pytest.fail(f"{backend} cannot run on this GPU: {reason}")
     torch.manual_seed(0)
     shapes = [(64, 27), (32, 1440), (4, 9000), (300, 5), (48,)]
     params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
     lr = torch.tensor(0.05, device="cuda")
-    opt = NDAdam(params, lr=lr, betas=(0.9, 0.99), backend="triton")
+    opt = NDAdam(params, lr=lr, betas=(0.9, 0.99), backend=backend)
     grads = [torch.randn_like(p) for p in params]
-    # torch's fused Adam (the scalars) writes the unscaled gradients back: refilled before each step.
+    # torch's fused Adam (the scalars) writes the unscaled gradients back: refilled before each replay.
     static_grads = [g.clone() for g in grads]
     for p, g in zip(params, static_grads):
         p.grad = g
@@ -40,7 +47,7 @@ def test_replays_read_lr_grad_scale_and_found_inf_from_the_device():
     torch.cuda.current_stream().wait_stream(side)
     twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     twin_lr = torch.tensor(0.05, device="cuda")
-    twin = NDAdam(twin_params, lr=twin_lr, betas=(0.9, 0.99), backend="triton")
+    twin = NDAdam(twin_params, lr=twin_lr, betas=(0.9, 0.99), backend=backend)
     twin.load_state_dict(copy.deepcopy(opt.state_dict()))
     twin.param_groups[0]["lr"] = twin.param_groups[1]["lr"] = twin_lr
     graph = torch.cuda.CUDAGraph()
