@@ -85,10 +85,12 @@ def test_a_backend_that_cannot_run_is_found_before_any_group_is_updated(monkeypa
     opt = NDAdam([{"params": [w]}, {"params": [v], "backend": "native"}], lr=0.1)
     # The extension became unusable after construction (say, a rebuild against another torch).
     monkeypatch.setitem(backends._REASONS, "native", lambda device: "ndadam_fused._C could not be imported")
+    monkeypatch.setattr(backends, "_slow_backend_warned", False)  # once per process: maybe spent
     backends.clear_resolved()
     w.grad, v.grad = torch.randn(3, 4), torch.randn(2, 5)
     before = _snapshot([w, v])
-    with pytest.raises(RuntimeError, match=r"backend 'native' is not available on cpu"):
+    with pytest.raises(RuntimeError, match=r"backend 'native' is not available on cpu"), \
+            pytest.warns(backends.SlowBackendWarning, match="because ndadam_fused._C could not be imported"):
         opt.step()
     assert _same(before, [w, v]) and len(opt.state) == 0
     monkeypatch.undo()

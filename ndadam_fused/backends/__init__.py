@@ -153,9 +153,11 @@ def _warn_slow_fallback(device: torch.device) -> None:
     if _slow_backend_warned:
         return
     _slow_backend_warned = True
-    reason = _native_reason(device)
+    # Through the same table that auto_backend consulted, so that the reason given is the one
+    # that decided.
+    reason = unavailable_reason("native", device)
     if device.type == "cuda":
-        reason += f"; and the 'triton' backend is not available either: {_triton_reason(device)}"
+        reason += f"; and the 'triton' backend is not available either: {unavailable_reason('triton', device)}"
     warnings.warn(
         f"ndadam_fused: NDAdam(backend='auto') steps {device.type} tensors with the 'reference' backend, "
         f"Algorithm 1 in plain PyTorch, about 10-20x slower than the fused 'native' backend, because "
