@@ -118,10 +118,16 @@ def adam_step(
 def _adam(lists, lr, beta1, beta2, eps, weight_decay, *, fused: bool, grad_scale=None, found_inf=None) -> None:
     params, grads, exp_avgs, exp_avg_sqs, state_steps = lists
     if fused:
-        # One opaque op for torch.compile (torch marks its fused Adam as not traceable, which
-        # would break the graph inside our step).
-        fused_adam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
-                    grad_scale, found_inf)
+        if torch.compiler.is_compiling():
+            # One opaque op for torch.compile (torch marks its fused Adam as not traceable, which
+            # would break the graph inside our step).
+            fused_adam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
+                        grad_scale, found_inf)
+        else:
+            # Eager: torch's fused Adam itself. The custom op's Python wrapper bumps the version
+            # of every mutated tensor one by one, about 1 µs each: 2.5 ms a step on 500 scalars.
+            _fused_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
+                        grad_scale, found_inf)
         return
     adam(
         params, grads, exp_avgs, exp_avg_sqs, [], state_steps,
@@ -149,6 +155,12 @@ def fused_adam_(
     found_inf: Tensor | None,
 ) -> None:
     """torch's fused Adam (L2 weight decay) as one custom op; lr is a 0-dim tensor on the params' device."""
+    _fused_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
+                grad_scale, found_inf)
+
+
+def _fused_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
+                grad_scale, found_inf) -> None:
     adam(
         params, grads, exp_avgs, exp_avg_sqs, [], state_steps,
         foreach=False, fused=True, capturable=False, differentiable=False, amsgrad=False,
