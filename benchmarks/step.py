@@ -14,7 +14,8 @@ the same run, the optimizer-state bytes against Adam's, and on CUDA the kernel l
 description on every row, and a plot ``<out>/step_<device>[_<tag>].png``.
 
 ``--host-only`` measures what the Triton backend's host code costs per step, on the CPU and
-without a GPU: a whole ``NDAdam.step`` with the Triton kernel launch stubbed out (the optimizer's
+without a GPU (it restarts itself with ``TRITON_INTERPRET=1``, which the Triton backend needs for
+CPU tensors; no kernel runs): a whole ``NDAdam.step`` with the Triton kernel launch stubbed out (the optimizer's
 own work and the scalars' Adam included), in steady state, once with gradients updated in place
 and once with fresh gradient tensors at every step (as FSDP2 or ``zero_grad(set_to_none=True)``
 give), next to the native backend's whole step (its C++ kernel included) on the same tensors. Results go to ``<out>/step_cpu_host[_<tag>].csv``.
@@ -568,6 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.host_only:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--host-only needs TRITON_INTERPRET=1 set before triton is imported (the Triton backend "
+                             "takes CPU tensors only under its interpreter): run `python -m benchmarks.step --host-only`, "
+                             "which sets it, or set it yourself")
         rows = run_host_only(args)
         path = args.out / f"step_cpu_host{'_' + args.tag if args.tag else ''}.csv"
         write_csv(rows, path)
@@ -595,4 +600,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if "--host-only" in sys.argv[1:] and os.environ.get("TRITON_INTERPRET") != "1":
+        # The Triton backend takes CPU tensors only under its interpreter, which must be chosen
+        # before triton is imported (this module imported it): start again with it chosen. The
+        # launch is stubbed out, so the interpreter never runs a kernel.
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "benchmarks.step", *sys.argv[1:]])
     raise SystemExit(main())

@@ -134,3 +134,20 @@ def test_mixed_precision_candidates_need_low_precision_params():
     params = param_sets.build("many-small", "cpu", torch.float32)[:8]
     reason = step.make_candidate("ndadam-native-master", params, torch.device("cpu"))
     assert isinstance(reason, str) and "--dtype bfloat16" in reason
+
+
+def test_host_only_mode_runs_from_the_command_line_without_triton_interpret(tmp_path):
+    """The Triton backend takes CPU tensors only under its interpreter: the command sets it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "benchmarks.step", "--host-only", "--sets", "many-small",
+                           "--repeats", "2", "--out", str(tmp_path)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "step_cpu_host.csv")))
+    assert {r["candidate"] for r in rows} >= {"ndadam-triton-host", "ndadam-triton-host-fresh-grads"}
