@@ -185,6 +185,34 @@ NDADAM_DEVICE_INLINE acc_t unscaled_sum(acc_t sum, double factor) {
 template <typename param_t, typename acc_t, RowWrite kWrite>
 using RowSource = std::conditional_t<kWrite == RowWrite::kMasterAndParam, acc_t, param_t>;
 
+// A row's memory: w is read from `source` (the param, or its fp32 master copy), w' goes to
+// `param` (and `master`), m' to `m`.
+template <typename param_t, typename acc_t, RowWrite kWrite>
+struct RowMemory {
+  param_t* param;
+  acc_t* master;  // kMasterAndParam only
+  const RowSource<param_t, acc_t, kWrite>* source;
+  const param_t* grad;
+  acc_t* m;
+};
+
+// Row `offset / row_length` of entry e (offset: the row's first element in the tensor).
+template <RowWrite kWrite, typename param_t, typename acc_t>
+NDADAM_DEVICE_INLINE RowMemory<param_t, acc_t, kWrite> row_memory(const TensorEntry& e, const param_t* grad,
+                                                                  int64_t offset) {
+  RowMemory<param_t, acc_t, kWrite> row;
+  row.param = static_cast<param_t*>(e.param) + offset;
+  row.master = kWrite == RowWrite::kMasterAndParam ? static_cast<acc_t*>(e.master) + offset : nullptr;
+  if constexpr (kWrite == RowWrite::kMasterAndParam) {
+    row.source = row.master;
+  } else {
+    row.source = row.param;
+  }
+  row.grad = grad + offset;
+  row.m = static_cast<acc_t*>(e.exp_avg) + offset;
+  return row;
+}
+
 // The block's shared memory (dynamic): 98 KiB in fp32, 66 KiB in bf16 and fp16 (82 KiB with master
 // copies, whose rows are staged in fp32), 131 KiB in fp64.
 template <typename param_t, typename acc_t, RowWrite kWrite = RowWrite::kParam>
@@ -414,17 +442,12 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
   // 32-bit offsets within the row: exact-path rows are at most kOnChipRowCapacity long.
   const int32_t length = active ? static_cast<int32_t>(e.row_length) : 0;
   const int64_t offset = active ? row * e.row_length : 0;
-  param_t* __restrict__ w_row = static_cast<param_t*>(e.param) + offset;
-  acc_t* __restrict__ master_row =
-      kWrite == RowWrite::kMasterAndParam ? static_cast<acc_t*>(e.master) + offset : nullptr;
-  const source_t* __restrict__ source_row;
-  if constexpr (kWrite == RowWrite::kMasterAndParam) {
-    source_row = master_row;
-  } else {
-    source_row = w_row;
-  }
-  const param_t* __restrict__ grad_row = grad + offset;
-  acc_t* __restrict__ m_row = static_cast<acc_t*>(e.exp_avg) + offset;
+  const RowMemory<param_t, acc_t, kWrite> memory = row_memory<kWrite, param_t, acc_t>(e, grad, offset);
+  param_t* __restrict__ w_row = memory.param;
+  acc_t* __restrict__ master_row = memory.master;
+  const source_t* __restrict__ source_row = memory.source;
+  const param_t* __restrict__ grad_row = memory.grad;
+  acc_t* __restrict__ m_row = memory.m;
   acc_t* v_row = static_cast<acc_t*>(e.exp_avg_sq) + (active ? row : 0);
   const bool scaled = args.grad_scale != nullptr;
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
@@ -602,6 +625,35 @@ NDADAM_DEVICE_INLINE void exact_row(const TensorEntry& e, const param_t* grad, i
   }
 }
 
+// The statistics form's elementwise sweep (the vector step's statistics path and the rows-split
+// apply phase): for this thread's pieces of VEC elements from `first`, `stride` apart,
+// m' = β1 m + (1-β1)(ḡ - a w), stored, and w' = (w - s m') · r, written. GradScaler's scale and
+// its reciprocal by value (tests/cpp's emulated shared_element gives each thread one slot).
+template <int VEC, RowWrite kWrite, typename param_t, typename acc_t>
+NDADAM_DEVICE_INLINE void statistics_update_sweep(const RowSource<param_t, acc_t, kWrite>* __restrict__ source_row,
+                                                  const param_t* __restrict__ grad_row, acc_t* __restrict__ m_row,
+                                                  param_t* __restrict__ w_row, acc_t* __restrict__ master_row,
+                                                  int64_t first, int64_t stride, int64_t length, acc_t grad_dot_w,
+                                                  const RowUpdate<acc_t>& update, const StepScalars<acc_t>& k,
+                                                  bool scaled, double grad_scale, double reciprocal,
+                                                  uint32_t rounding_key, int64_t offset) {
+#pragma unroll 1
+  for (int64_t start = first; start < length; start += stride) {
+    acc_t w[VEC], g[VEC], m[VEC];
+    load_elements<VEC>(source_row, start, w);
+    load_elements<VEC>(grad_row, start, g);
+    unscale<VEC>(g, scaled, grad_scale, reciprocal);
+    load_elements<VEC>(m_row, start, m);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      m[j] = first_moment_update(m[j], projected_gradient(g[j], w[j], grad_dot_w), k);
+      w[j] = unnormalized_weight(w[j], m[j], update.step_size) * update.inverse_norm;
+    }
+    store_elements<VEC>(m_row, start, m);
+    write_row_elements<kWrite, VEC>(w_row, master_row, start, w, rounding_key, offset);
+  }
+}
+
 // The statistics path: the block's one row, in two sweeps, the six sums reduced together.
 template <int VEC, RowWrite kWrite, typename param_t, typename acc_t>
 NDADAM_DEVICE_INLINE void statistics_row(const TensorEntry& e, const param_t* grad, int64_t row,
@@ -611,17 +663,12 @@ NDADAM_DEVICE_INLINE void statistics_row(const TensorEntry& e, const param_t* gr
   publish_step_scalars<acc_t, kWrite>(args, e, step, shared);
   const int64_t length = e.row_length;
   const int64_t offset = row * length;
-  param_t* __restrict__ w_row = static_cast<param_t*>(e.param) + offset;
-  acc_t* __restrict__ master_row =
-      kWrite == RowWrite::kMasterAndParam ? static_cast<acc_t*>(e.master) + offset : nullptr;
-  const source_t* __restrict__ source_row;
-  if constexpr (kWrite == RowWrite::kMasterAndParam) {
-    source_row = master_row;
-  } else {
-    source_row = w_row;
-  }
-  const param_t* __restrict__ grad_row = grad + offset;
-  acc_t* __restrict__ m_row = static_cast<acc_t*>(e.exp_avg) + offset;
+  const RowMemory<param_t, acc_t, kWrite> memory = row_memory<kWrite, param_t, acc_t>(e, grad, offset);
+  param_t* __restrict__ w_row = memory.param;
+  acc_t* __restrict__ master_row = memory.master;
+  const source_t* __restrict__ source_row = memory.source;
+  const param_t* __restrict__ grad_row = memory.grad;
+  acc_t* __restrict__ m_row = memory.m;
   acc_t* v_row = static_cast<acc_t*>(e.exp_avg_sq) + row;
   const acc_t v = *v_row;
   const bool scaled = args.grad_scale != nullptr;
@@ -673,23 +720,10 @@ NDADAM_DEVICE_INLINE void statistics_row(const TensorEntry& e, const param_t* gr
   const RowUpdate<acc_t> update = update_from_statistics(stats, v, k);
   const uint32_t rounding_key =
       kWrite == RowWrite::kStochasticParam ? uint32_t(shared_element(shared.warp_rounding_key, warp)) : 0u;
-
-#pragma unroll 1
-  for (int64_t start = int64_t(threadIdx.x) * VEC; start < length; start += int64_t(kThreadsPerBlock) * VEC) {
-    acc_t w[VEC], g[VEC], m[VEC];
-    load_elements<VEC>(source_row, start, w);
-    load_elements<VEC>(grad_row, start, g);
-    unscale<VEC>(g, scaled, shared_element(shared.warp_grad_scale, warp),
-                 shared_element(shared.warp_grad_scale_reciprocal, warp));
-    load_elements<VEC>(m_row, start, m);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      m[j] = first_moment_update(m[j], projected_gradient(g[j], w[j], stats.grad_dot_w), k);
-      w[j] = unnormalized_weight(w[j], m[j], update.step_size) * update.inverse_norm;
-    }
-    store_elements<VEC>(m_row, start, m);
-    write_row_elements<kWrite, VEC>(w_row, master_row, start, w, rounding_key, offset);
-  }
+  statistics_update_sweep<VEC, kWrite>(source_row, grad_row, m_row, w_row, master_row, int64_t(threadIdx.x) * VEC,
+                                       int64_t(kThreadsPerBlock) * VEC, length, stats.grad_dot_w, update, k, scaled,
+                                       shared_element(shared.warp_grad_scale, warp),
+                                       shared_element(shared.warp_grad_scale_reciprocal, warp), rounding_key, offset);
   // Every thread read v before the barrier above.
   if (threadIdx.x == 0) {
     *v_row = update.exp_avg_sq;

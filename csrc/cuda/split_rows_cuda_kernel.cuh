@@ -142,17 +142,12 @@ NDADAM_DEVICE_INLINE acc_t apply_row_statistics_team(const SplitLaunchArguments&
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const int64_t length = e.row_length;
   const int64_t offset = place.row * length;
-  param_t* __restrict__ w_row = static_cast<param_t*>(e.param) + offset;
-  acc_t* __restrict__ master_row =
-      kWrite == RowWrite::kMasterAndParam ? static_cast<acc_t*>(e.master) + offset : nullptr;
-  const source_t* __restrict__ source_row;
-  if constexpr (kWrite == RowWrite::kMasterAndParam) {
-    source_row = master_row;
-  } else {
-    source_row = w_row;
-  }
-  const param_t* __restrict__ grad_row = grad + offset;
-  acc_t* __restrict__ m_row = static_cast<acc_t*>(e.exp_avg) + offset;
+  const RowMemory<param_t, acc_t, kWrite> memory = row_memory<kWrite, param_t, acc_t>(e, grad, offset);
+  param_t* __restrict__ w_row = memory.param;
+  acc_t* __restrict__ master_row = memory.master;
+  const source_t* __restrict__ source_row = memory.source;
+  const param_t* __restrict__ grad_row = memory.grad;
+  acc_t* __restrict__ m_row = memory.m;
   const acc_t* v_row = static_cast<const acc_t*>(e.exp_avg_sq) + place.row;
 
   const acc_t* reduced = static_cast<const acc_t*>(split.statistics) + (first_row + place.row) * kRowStatistics;
@@ -162,23 +157,10 @@ NDADAM_DEVICE_INLINE acc_t apply_row_statistics_team(const SplitLaunchArguments&
   const bool scaled = split.args.grad_scale != nullptr;
   const uint32_t rounding_key =
       kWrite == RowWrite::kStochasticParam ? uint32_t(shared_element(shared.warp_rounding_key, warp)) : 0u;
-  const int64_t stride = int64_t(e.team_size) * VEC;
-#pragma unroll 1
-  for (int64_t start = int64_t(place.lane_in_team) * VEC; start < length; start += stride) {
-    acc_t w[VEC], g[VEC], m[VEC];
-    load_elements<VEC>(source_row, start, w);
-    load_elements<VEC>(grad_row, start, g);
-    unscale<VEC>(g, scaled, shared_element(shared.warp_grad_scale, warp),
-                 shared_element(shared.warp_grad_scale_reciprocal, warp));
-    load_elements<VEC>(m_row, start, m);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      m[j] = first_moment_update(m[j], projected_gradient(g[j], w[j], stats.grad_dot_w), k);
-      w[j] = unnormalized_weight(w[j], m[j], update.step_size) * update.inverse_norm;
-    }
-    store_elements<VEC>(m_row, start, m);
-    write_row_elements<kWrite, VEC>(w_row, master_row, start, w, rounding_key, offset);
-  }
+  statistics_update_sweep<VEC, kWrite>(source_row, grad_row, m_row, w_row, master_row,
+                                       int64_t(place.lane_in_team) * VEC, int64_t(e.team_size) * VEC, length,
+                                       stats.grad_dot_w, update, k, scaled, shared_element(shared.warp_grad_scale, warp),
+                                       shared_element(shared.warp_grad_scale_reciprocal, warp), rounding_key, offset);
   return update.exp_avg_sq;
 }
 
