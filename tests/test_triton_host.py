@@ -74,20 +74,38 @@ def test_same_addresses_with_a_new_shape_get_a_new_table(device):
         torch.testing.assert_close(opt.state[param]["exp_avg"], ref_opt.state[reference]["exp_avg"], rtol=0, atol=FP64_TOLERANCE)
 
 
+def _tensors_in_aligned_tiles(opt, params) -> set[int]:
+    """Which of ``params`` (positions) the Triton table puts in tiles of 128-bit accesses."""
+    state = [opt.state[p] for p in params]
+    table = triton_backend.group_table(list(params), [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state],
+                                       [s["step"] for s in state])
+    plan = table.parts[0].plan
+    found = set()
+    for class_index, first_slot in plan.tile_table:
+        _, _, slots_per_tile, aligned = plan.classes[class_index]
+        if aligned:
+            found.update(int(t) for t in plan.slot_table[first_slot:first_slot + slots_per_tile, 0] if t >= 0)
+    return found
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_views_off_16_byte_alignment_are_stepped_right(device, dtype):
+@pytest.mark.parametrize("shifted_first", [False, True], ids=["aligned-first", "shifted-first"])
+def test_views_off_16_byte_alignment_are_stepped_right(device, dtype, shifted_first):
     """Planted bug: an alignment flag that ignores ``data_ptr() % 16``. Rows of 8 elements are
     a multiple of 16 bytes, but a view one element into a flat buffer does not start on 16
-    bytes: with 128-bit accesses (or offsets rounded to them) it would read its neighbour."""
+    bytes: with 128-bit accesses (or offsets rounded to them) it would read its neighbour. The
+    interpreter does not model access widths, so the table's plan is checked as well: the view
+    must get no 128-bit tile, whichever tensor the offsets count from."""
     generator = torch.Generator().manual_seed(3)
     flat = torch.randn(1 + 6 * 8 + 7, generator=generator, dtype=dtype).to(device)
     flat_grad = torch.empty(1 + 6 * 8, dtype=dtype, device=device)
     aligned = torch.nn.Parameter(torch.randn(6, 8, generator=generator, dtype=dtype).to(device))
     shifted = torch.nn.Parameter(flat[1 : 1 + 48].view(6, 8))
     assert shifted.data_ptr() % 16 != 0 and aligned.data_ptr() % 16 == 0
+    order = [shifted, aligned] if shifted_first else [aligned, shifted]
     references = [torch.nn.Parameter(p.detach().clone()) for p in (aligned, shifted)]
-    opt = NDAdam([aligned, shifted], lr=0.1, backend="triton")
+    opt = NDAdam(order, lr=0.1, backend="triton")
     ref_opt = NDAdam(references, lr=0.1, backend="reference")
     for _ in range(3):
         aligned.grad = torch.randn(6, 8, generator=generator, dtype=dtype).to(device)
@@ -97,6 +115,7 @@ def test_views_off_16_byte_alignment_are_stepped_right(device, dtype):
             r.grad = p.grad.clone()
         opt.step()
         ref_opt.step()
+    assert _tensors_in_aligned_tiles(opt, order) == {1 if shifted_first else 0}  # the aligned param only
     tolerance = FP64_TOLERANCE if dtype == torch.float64 else 1e-6
     for p, r in zip((aligned, shifted), references):
         torch.testing.assert_close(p.detach(), r.detach(), rtol=0, atol=tolerance)
