@@ -109,6 +109,15 @@ NDADAM_ALWAYS_INLINE void prefetch_block(const T* data, int64_t start, int64_t e
   }
 }
 
+// ḡ·w and w·w of a row: what the exact form's first sweep sums. `known`: already summed (by the
+// previous row's last sweep, see exact_row_step).
+template <typename acc_t>
+struct RowDots {
+  acc_t grad_dot_w = 0;
+  acc_t w_dot_w = 0;
+  bool known = false;
+};
+
 // The exact form, for rows that stay in cache while they are swept: three sweeps over the row,
 // but only the first touch of w, ḡ and m reaches memory, so the traffic is 20 bytes per fp32
 // element (read w, ḡ, m; write w, m).
@@ -123,13 +132,19 @@ NDADAM_ALWAYS_INLINE void prefetch_block(const T* data, int64_t start, int64_t e
 //
 // `w` is where the row is read from (the param, or its master copy); `write` stores w' (it may
 // write through `w`'s memory: w is not restrict).
+//
+// `dots`: this row's ḡ·w and w·w when known, and the sums of the next row (same length, same
+// tensor) are wanted when `carry_next`: sweep 3 then takes the next row's sweep 1 along (its w
+// and ḡ are in cache by then, prefetched in sweep 2), so that a run of rows costs two sweeps a
+// row after its first. The sums are the same blocks in the same order either way.
 template <typename source_t, typename acc_t, typename GradientRow, typename Writer, typename Next>
-NDADAM_ALWAYS_INLINE void exact_row_step(const source_t* w, const GradientRow& grad, acc_t* __restrict__ m,
-                                         acc_t* __restrict__ v, int64_t row_length, const StepScalars<acc_t>& k,
-                                         const Writer& write, const Next& next) {
-  acc_t grad_dot_w = 0;
-  acc_t w_dot_w = 0;
-  for (int64_t start = 0; start < row_length; start += kSumBlock) {
+NDADAM_ALWAYS_INLINE RowDots<acc_t> exact_row_step(const source_t* w, const GradientRow& grad, acc_t* __restrict__ m,
+                                                   acc_t* __restrict__ v, int64_t row_length,
+                                                   const StepScalars<acc_t>& k, const Writer& write, const Next& next,
+                                                   RowDots<acc_t> dots = {}, bool carry_next = false) {
+  acc_t grad_dot_w = dots.grad_dot_w;
+  acc_t w_dot_w = dots.w_dot_w;
+  for (int64_t start = 0; !dots.known && start < row_length; start += kSumBlock) {
     const int64_t end = std::min(start + kSumBlock, row_length);
     acc_t gw = 0, ww = 0;
 #pragma omp simd reduction(+ : gw, ww)
@@ -172,15 +187,33 @@ NDADAM_ALWAYS_INLINE void exact_row_step(const source_t* w, const GradientRow& g
   const acc_t s = step_size(v_new, k);
   const acc_t w_bar_sq_norm = w_dot_w - acc_t(2) * s * w_dot_m_new + s * s * m_new_sq_norm;
   const acc_t scale = row_scale(w_bar_sq_norm, m_new_abs_sum, k);
+  RowDots<acc_t> next_dots;
+  GradientRow next_grad = grad;
+  next_grad.data = next.grad;
   for (int64_t start = 0; start < row_length; start += kSumBlock) {
     const int64_t end = std::min(start + kSumBlock, row_length);
     prefetch_block(next.m, start, end, row_length);
+    if (carry_next) {
+      acc_t gw = 0, ww = 0;
+#pragma omp simd reduction(+ : gw, ww)
+      for (int64_t i = start; i < end; ++i) {
+        write(i, unnormalized_weight(load<source_t, acc_t>(w, i), m[i], s) * scale);
+        const acc_t next_wi = load<source_t, acc_t>(next.w, i);
+        gw += next_grad(i) * next_wi;
+        ww += next_wi * next_wi;
+      }
+      next_dots.grad_dot_w += gw;
+      next_dots.w_dot_w += ww;
+    } else {
 #pragma omp simd
-    for (int64_t i = start; i < end; ++i) {
-      write(i, unnormalized_weight(load<source_t, acc_t>(w, i), m[i], s) * scale);
+      for (int64_t i = start; i < end; ++i) {
+        write(i, unnormalized_weight(load<source_t, acc_t>(w, i), m[i], s) * scale);
+      }
     }
   }
+  next_dots.known = carry_next;
   *v = v_new;
+  return next_dots;
 }
 
 // The six statistics [ḡ·w, ḡ·ḡ, w·w, m·w, m·m, m·ḡ] of one row (or of a rank's piece of it),
@@ -245,15 +278,18 @@ NDADAM_ALWAYS_INLINE void statistics_row_step(const source_t* w, const GradientR
 
 // The path a row of this length takes: exact when it fits under the cut-over. Long rows on the
 // statistics path are long streams, which the hardware prefetchers follow on their own.
+// `dots` and `carry_next` as for exact_row_step (the statistics path ignores them and carries
+// nothing).
 template <typename source_t, typename acc_t, typename GradientRow, typename Writer, typename Next>
-NDADAM_ALWAYS_INLINE void row_step(const source_t* w, const GradientRow& grad, acc_t* m, acc_t* v, int64_t row_length,
-                                   int64_t max_single_pass_row_length, const StepScalars<acc_t>& k,
-                                   const Writer& write, const Next& next) {
+NDADAM_ALWAYS_INLINE RowDots<acc_t> row_step(const source_t* w, const GradientRow& grad, acc_t* m, acc_t* v,
+                                             int64_t row_length, int64_t max_single_pass_row_length,
+                                             const StepScalars<acc_t>& k, const Writer& write, const Next& next,
+                                             RowDots<acc_t> dots = {}, bool carry_next = false) {
   if (row_length <= max_single_pass_row_length) {
-    exact_row_step(w, grad, m, v, row_length, k, write, next);
-  } else {
-    statistics_row_step(w, grad, m, v, row_length, k, write);
+    return exact_row_step(w, grad, m, v, row_length, k, write, next, dots, carry_next);
   }
+  statistics_row_step(w, grad, m, v, row_length, k, write);
+  return {};
 }
 
 // The plain step of one row in place (no GradScaler, no master copy, round to nearest): what the
