@@ -154,43 +154,20 @@ def vector_step(
     graph that captured it sees later changes of those tensors. ``master_params`` and
     ``rounding_seeds`` follow ``params`` index by index.
     """
-    # torch's own grouping (C++, as its fused optimizers use): by the params' (device, dtype);
-    # master copies (fp32) and seeds (int64) follow by index.
+    # Rows are contiguous here: ndadam() and distributed.vector_step hand the backends row-major
+    # work views (rows.RowMajorViews, stable from step to step), and the op refuses anything
+    # else. torch's own grouping (C++) by the params' (device, dtype): NDAdam calls this once per
+    # (device, dtype) already, so the lists go to the op as they are; master copies (fp32) and
+    # seeds (int64) follow by index.
     grouped = Optimizer._group_tensors_by_device_and_dtype([params], with_indices=True)
     for (device, _), (_, indices) in grouped.items():
-        group_params = [params[i] for i in indices]
-        group_exp_avgs = [exp_avgs[i] for i in indices]
-        group_masters = [] if master_params is None else [master_params[i] for i in indices]
-        # The kernels walk rows of contiguous memory. A non-contiguous param (a channels_last
-        # conv weight) is stepped through a contiguous copy and copied back.
-        copied = [
-            k for k, (p, m) in enumerate(zip(group_params, group_exp_avgs))
-            if not (p.is_contiguous() and m.is_contiguous() and (not group_masters or group_masters[k].is_contiguous()))
-        ]
-        originals = {k: (group_params[k], group_exp_avgs[k], group_masters[k] if group_masters else None) for k in copied}
-        for k in copied:
-            group_params[k] = group_params[k].contiguous()
-            group_exp_avgs[k] = group_exp_avgs[k].contiguous()
-            if group_masters:
-                group_masters[k] = group_masters[k].contiguous()
+        lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps, master_params or [], rounding_seeds or [])
+        if len(grouped) > 1:
+            lists = tuple([x[i] for i in indices] if x else x for x in lists)
         torch.ops.ndadam_fused.vector_step_(
-            group_params,
-            [grads[i].contiguous() for i in indices],
-            group_exp_avgs,
-            [exp_avg_sqs[i] for i in indices],
-            [state_steps[i] for i in indices],
-            _on(hyper, device),
-            _on(grad_scale, device),
-            _on(found_inf, device),
-            group_masters,
-            [] if rounding_seeds is None else [rounding_seeds[i] for i in indices],
+            *lists[:5], _on(hyper, device), _on(grad_scale, device), _on(found_inf, device), *lists[5:],
             _single_pass_limit(),
         )
-        for k, (param, exp_avg, master) in originals.items():
-            param.copy_(group_params[k])
-            exp_avg.copy_(group_exp_avgs[k])
-            if master is not None:
-                master.copy_(group_masters[k])
 
 
 def _on(tensor: Tensor | None, device: torch.device) -> Tensor | None:
