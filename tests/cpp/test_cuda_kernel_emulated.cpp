@@ -31,6 +31,7 @@
 
 #include "cuda/ndadam_cuda_kernel.cuh"
 #include "cuda/ndadam_cuda_plan.h"
+#include "emulated_test_harness.h"
 #include "guarded_buffer.h"
 #include "host_half.h"
 
@@ -39,26 +40,10 @@ namespace {
 namespace plan = ndadam::cuda_plan;
 namespace kernel = ndadam::cuda_kernel;
 
-int failures = 0;
-
-void check(bool ok, const std::string& what) {
-  if (!ok) {
-    ++failures;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
-
-// Every problem the emulation recorded since the last call fails the test under `what`.
-void check_emulation(const std::string& what) {
-  for (const std::string& problem : simt::problems().take()) {
-    check(false, what + ": " + problem);
-  }
-}
-
-simt::Device& device() {
-  static simt::Device instance(plan::kThreadsPerBlock);
-  return instance;
-}
+using emulated_test::check;
+using emulated_test::check_emulation;
+using emulated_test::device;
+using emulated_test::failures;
 
 // Algorithm 1 for one row in float64, written from the paper and not from the kernel; with
 // `round` (a bf16/fp16 run), the new row is rounded to param_t and the state to float, as the
@@ -1075,7 +1060,6 @@ void test_plan_invariants() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string filter = argc > 1 ? argv[1] : "";
   const std::vector<std::pair<std::string, void (*)()>> tests = {
       {"plan_invariants", test_plan_invariants},
       {"captured_tables_are_kept", test_captured_tables_are_kept},
@@ -1097,24 +1081,5 @@ int main(int argc, char** argv) {
       {"stochastic_rounding_is_the_specification", test_stochastic_rounding_is_the_specification},
       {"zero_update_keeps_every_bit", test_zero_update_keeps_every_bit},
   };
-  int ran = 0;
-  for (const auto& [name, test] : tests) {
-    if (name.find(filter) == std::string::npos) continue;
-    const int before = failures;
-    const auto started = std::chrono::steady_clock::now();
-    test();
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-    std::printf("%s %s (%.1f s)\n", failures == before ? "ok    " : "FAILED", name.c_str(), seconds);
-    ++ran;
-  }
-  if (ran == 0) {
-    std::printf("no test matches '%s'\n", filter.c_str());
-    return 1;
-  }
-  if (failures > 0) {
-    std::printf("%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("emulated CUDA kernel: all checks passed\n");
-  return 0;
+  return emulated_test::run(argc, argv, tests, "emulated CUDA kernel");
 }

@@ -27,6 +27,7 @@
 
 #include "cuda/ndadam_cuda_plan.h"
 #include "cuda/split_rows_cuda_kernel.cuh"
+#include "emulated_test_harness.h"
 #include "guarded_buffer.h"
 #include "host_half.h"
 
@@ -36,25 +37,10 @@ namespace plan = ndadam::cuda_plan;
 namespace kernel = ndadam::cuda_kernel;
 using ndadam::RowWrite;
 
-int failures = 0;
-
-void check(bool ok, const std::string& what) {
-  if (!ok) {
-    ++failures;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
-
-void check_emulation(const std::string& what) {
-  for (const std::string& problem : simt::problems().take()) {
-    check(false, what + ": " + problem);
-  }
-}
-
-simt::Device& device() {
-  static simt::Device instance(plan::kThreadsPerBlock);
-  return instance;
-}
+using emulated_test::check;
+using emulated_test::check_emulation;
+using emulated_test::device;
+using emulated_test::failures;
 
 struct Hyper {
   double lr = 0.05;
@@ -587,7 +573,6 @@ void test_zero_lr_keeps_every_bit() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string filter = argc > 1 ? argv[1] : "";
   const std::vector<std::pair<std::string, void (*)()>> tests = {
       {"pieces_match_algorithm_1", test_pieces_match_algorithm_1},
       {"grad_scale_and_found_inf", test_grad_scale_and_found_inf},
@@ -595,24 +580,5 @@ int main(int argc, char** argv) {
       {"stochastic_rounding_is_the_specification", test_stochastic_rounding_is_the_specification},
       {"zero_lr_keeps_every_bit", test_zero_lr_keeps_every_bit},
   };
-  int ran = 0;
-  for (const auto& [name, test] : tests) {
-    if (name.find(filter) == std::string::npos) continue;
-    const int before = failures;
-    const auto started = std::chrono::steady_clock::now();
-    test();
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-    std::printf("%s %s (%.1f s)\n", failures == before ? "ok    " : "FAILED", name.c_str(), seconds);
-    ++ran;
-  }
-  if (ran == 0) {
-    std::printf("no test matches '%s'\n", filter.c_str());
-    return 1;
-  }
-  if (failures > 0) {
-    std::printf("%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("emulated rows-split CUDA kernels: all checks passed\n");
-  return 0;
+  return emulated_test::run(argc, argv, tests, "emulated rows-split CUDA kernels");
 }
