@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.torchrun_exit import finish
 from ndadam_fused import NDAdam, param_groups
 
 VOCAB = 64
@@ -227,9 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     digest = weights_digest(model)
     if rank == 0 and args.steps > start:
         print(f"{(args.steps - start) / elapsed:.1f} steps/s; weights sha256 {digest[:16]}", flush=True)
-    dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    finish(main())

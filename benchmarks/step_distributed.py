@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import param_sets
+from benchmarks.torchrun_exit import finish
 from ndadam_fused import NDAdam
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -206,9 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             writer.writeheader()
             writer.writerows(rows)
         print(f"wrote {path}")
-    dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    finish(main())
