@@ -38,6 +38,15 @@ def _transformer(layers: int, d_model: int, vocab: int = 50257, context: int = 1
     return out
 
 
+def _llama_mlp(layers: int = 1, d_model: int = 4096, d_ff: int = 11008) -> list[tuple[int, ...]]:
+    """Llama-2-7B's MLP blocks with their RMSNorm gains: gate and up ``[d_ff, d_model]``, down
+    ``[d_model, d_ff]``, whose rows of 11,008 are past the exact form's 8,192 cut-over."""
+    out = []
+    for _ in range(layers):
+        out += [(d_model,), (d_ff, d_model), (d_ff, d_model), (d_model, d_ff)]
+    return out
+
+
 def _many_small(count: int = 2000) -> list[tuple[int, ...]]:
     """Launch overhead: many small tensors (a fixed mix of short and odd row lengths, and biases)."""
     generator = torch.Generator().manual_seed(0)
@@ -54,6 +63,7 @@ SETS = {
     "gpt2-small": lambda: _transformer(12, 768),
     "gpt2-medium": lambda: _transformer(24, 1024),
     "transformer-1.3b": lambda: _transformer(24, 2048),
+    "llama-7b-mlp": _llama_mlp,
     "many-small": _many_small,
 }
 #: Too large for a CPU machine's time budget.

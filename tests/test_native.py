@@ -128,6 +128,16 @@ def test_exact_path_at_its_longest_row(device, dtype, single_pass_limit):
     )
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_runs_of_rows_past_the_cut_over_cpu(dtype):
+    # Past the default cut-over, the CPU kernel sums each row's six statistics in the sweep that
+    # writes the row before it (same tensor, same thread): several such rows in one tensor, at the
+    # default limit, and a tensor after them.
+    backend_cases.compare_with_reference(
+        "native", [(4, LONGEST_EXACT_ROW + 5), (3, LONGEST_EXACT_ROW + 1000), (2, 300)], dtype, 6, vector_lrs=(0.05,)
+    )
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_two_paths_really_differ(device, single_pass_limit):
     """Forcing a path changes which code runs: the two paths round differently (same math)."""

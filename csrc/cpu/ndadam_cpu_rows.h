@@ -1,5 +1,7 @@
-// One row of the ND-Adam vector step on the CPU: the exact single-pass form and the two-pass
-// statistics form of DESIGN.md section 4, built from the formulas of ndadam_row_math.h.
+// One row of the ND-Adam vector step on the CPU: the exact form and the statistics form of
+// DESIGN.md section 4, built from the formulas of ndadam_row_math.h. In a run of rows of one
+// tensor, each row's last sweep also takes the next row's sums, so that each row is read from
+// memory once whatever its length.
 //
 // Torch-free (param_t is float, double, or any type that converts to and from acc_t, such as
 // c10::BFloat16 and c10::Half), so that tests/cpp/test_row_math.cpp checks the very loops the
@@ -115,6 +117,13 @@ template <typename acc_t>
 struct RowDots {
   acc_t grad_dot_w = 0;
   acc_t w_dot_w = 0;
+  bool known = false;
+};
+
+// The six statistics of a row, summed by the previous row's last sweep (known) or not yet.
+template <typename acc_t>
+struct RowCarry {
+  RowStatistics<acc_t> stats{0, 0, 0, 0, 0, 0};
   bool known = false;
 };
 
@@ -247,49 +256,103 @@ NDADAM_ALWAYS_INLINE RowStatistics<acc_t> row_statistics(const source_t* w, cons
   return stats;
 }
 
-// The elementwise sweep of the statistics form: m' = β1 m + (1-β1)(ḡ - a w), stored, and
+// One element of the statistics form's update: m' = β1 m + (1-β1)(ḡ - a w), stored, and
 // w' = (w - s m') · r, written, with (s, r) from the row's (full) statistics.
 template <typename source_t, typename acc_t, typename GradientRow, typename Writer>
-NDADAM_ALWAYS_INLINE void apply_row_update(const source_t* w, const GradientRow& grad, acc_t* __restrict__ m,
-                                           int64_t row_length, acc_t grad_dot_w, const RowUpdate<acc_t>& update,
-                                           const StepScalars<acc_t>& k, const Writer& write) {
-#pragma omp simd
-  for (int64_t i = 0; i < row_length; ++i) {
-    const acc_t wi = load<source_t, acc_t>(w, i);
-    const acc_t g = projected_gradient(grad(i), wi, grad_dot_w);
-    const acc_t m_new = first_moment_update(m[i], g, k);
-    m[i] = m_new;
-    write(i, unnormalized_weight(wi, m_new, update.step_size) * update.inverse_norm);
-  }
+NDADAM_ALWAYS_INLINE void update_element(const source_t* w, const GradientRow& grad, acc_t* __restrict__ m, int64_t i,
+                                         acc_t grad_dot_w, const RowUpdate<acc_t>& update,
+                                         const StepScalars<acc_t>& k, const Writer& write) {
+  const acc_t wi = load<source_t, acc_t>(w, i);
+  const acc_t m_new = first_moment_update(m[i], projected_gradient(grad(i), wi, grad_dot_w), k);
+  m[i] = m_new;
+  write(i, unnormalized_weight(wi, m_new, update.step_size) * update.inverse_norm);
 }
 
-// The statistics form, for rows too long to stay in cache: one sweep reads (w, ḡ, m) for the
-// six statistics, the closed forms give (v', s, 1/||w̄||), one sweep writes m' and w'.
-// 32 bytes per fp32 element, and never a third sweep.
+// The elementwise sweep of the statistics form over elements [start, end) of a row.
 template <typename source_t, typename acc_t, typename GradientRow, typename Writer>
-NDADAM_ALWAYS_INLINE void statistics_row_step(const source_t* w, const GradientRow& grad, acc_t* __restrict__ m,
-                                              acc_t* __restrict__ v, int64_t row_length, const StepScalars<acc_t>& k,
-                                              const Writer& write) {
-  const RowStatistics<acc_t> stats = row_statistics(w, grad, m, row_length);
-  const RowUpdate<acc_t> update = update_from_statistics(stats, *v, k);
-  apply_row_update(w, grad, m, row_length, stats.grad_dot_w, update, k, write);
-  *v = update.exp_avg_sq;
+NDADAM_ALWAYS_INLINE void apply_row_update(const source_t* w, const GradientRow& grad, acc_t* __restrict__ m,
+                                           int64_t start, int64_t end, acc_t grad_dot_w,
+                                           const RowUpdate<acc_t>& update, const StepScalars<acc_t>& k,
+                                           const Writer& write) {
+#pragma omp simd
+  for (int64_t i = start; i < end; ++i) {
+    update_element(w, grad, m, i, grad_dot_w, update, k, write);
+  }
 }
 
-// The path a row of this length takes: exact when it fits under the cut-over. Long rows on the
-// statistics path are long streams, which the hardware prefetchers follow on their own.
-// `dots` and `carry_next` as for exact_row_step (the statistics path ignores them and carries
-// nothing).
+// The statistics form, for rows past the exact form's cut-over, one sweep a row after the first
+// of a run: the sweep that writes row r (from cache) also sums the six statistics of row r+1
+// (same length, same tensor), whose w, ḡ and m then come from memory for the first and only
+// time: 20 bytes per fp32 element, as the exact form. (Summing the statistics in a sweep of their
+// own read every long row from memory twice: 1.8-2.0x Adam(fused)'s time on rows of 16,384.) `carried`: this row's
+// statistics when the previous row's sweep summed them; the next row's are returned when
+// `carry_next`. The sums are the same blocks in the same order as row_statistics.
 template <typename source_t, typename acc_t, typename GradientRow, typename Writer, typename Next>
-NDADAM_ALWAYS_INLINE RowDots<acc_t> row_step(const source_t* w, const GradientRow& grad, acc_t* m, acc_t* v,
-                                             int64_t row_length, int64_t max_single_pass_row_length,
-                                             const StepScalars<acc_t>& k, const Writer& write, const Next& next,
-                                             RowDots<acc_t> dots = {}, bool carry_next = false) {
-  if (row_length <= max_single_pass_row_length) {
-    return exact_row_step(w, grad, m, v, row_length, k, write, next, dots, carry_next);
+NDADAM_ALWAYS_INLINE RowCarry<acc_t> carried_statistics_row_step(const source_t* w, const GradientRow& grad,
+                                                                 acc_t* __restrict__ m, acc_t* __restrict__ v,
+                                                                 int64_t row_length, const StepScalars<acc_t>& k,
+                                                                 const Writer& write, const Next& next,
+                                                                 const RowCarry<acc_t>& carried, bool carry_next) {
+  const RowStatistics<acc_t> stats = carried.known ? carried.stats : row_statistics(w, grad, m, row_length);
+  const RowUpdate<acc_t> update = update_from_statistics(stats, *v, k);
+  RowCarry<acc_t> next_carry;
+  GradientRow next_grad = grad;
+  next_grad.data = next.grad;
+  const acc_t* __restrict__ next_m = next.m;
+  for (int64_t start = 0; start < row_length; start += kSumBlock) {
+    const int64_t end = std::min(start + kSumBlock, row_length);
+    if (!carry_next) {
+      prefetch_block(next.w, start, end, row_length);
+      prefetch_block(next.grad, start, end, row_length);
+      prefetch_block(next.m, start, end, row_length);
+      apply_row_update(w, grad, m, start, end, stats.grad_dot_w, update, k, write);
+      continue;
+    }
+    acc_t gw = 0, gg = 0, ww = 0, mw = 0, mm = 0, mg = 0;
+#pragma omp simd reduction(+ : gw, gg, ww, mw, mm, mg)
+    for (int64_t i = start; i < end; ++i) {
+      update_element(w, grad, m, i, stats.grad_dot_w, update, k, write);
+      const acc_t next_wi = load<source_t, acc_t>(next.w, i);
+      const acc_t next_gi = next_grad(i);
+      const acc_t next_mi = next_m[i];
+      gw += next_gi * next_wi;
+      gg += next_gi * next_gi;
+      ww += next_wi * next_wi;
+      mw += next_mi * next_wi;
+      mm += next_mi * next_mi;
+      mg += next_mi * next_gi;
+    }
+    next_carry.stats.grad_dot_w += gw;
+    next_carry.stats.grad_dot_grad += gg;
+    next_carry.stats.w_dot_w += ww;
+    next_carry.stats.m_dot_w += mw;
+    next_carry.stats.m_dot_m += mm;
+    next_carry.stats.m_dot_grad += mg;
   }
-  statistics_row_step(w, grad, m, v, row_length, k, write);
-  return {};
+  next_carry.known = carry_next;
+  *v = update.exp_avg_sq;
+  return next_carry;
+}
+
+// The path a row of this length takes: exact when it fits under the cut-over, else the carried
+// statistics form. `carried` and `carry_next` as for the two: the sums of this row when the
+// previous row's last sweep took them, and whether this row's last sweep takes the next row's
+// (the exact form carries ḡ·w and w·w, the statistics form all six).
+template <typename source_t, typename acc_t, typename GradientRow, typename Writer, typename Next>
+NDADAM_ALWAYS_INLINE RowCarry<acc_t> row_step(const source_t* w, const GradientRow& grad, acc_t* m, acc_t* v,
+                                              int64_t row_length, int64_t max_single_pass_row_length,
+                                              const StepScalars<acc_t>& k, const Writer& write, const Next& next,
+                                              const RowCarry<acc_t>& carried = {}, bool carry_next = false) {
+  if (row_length <= max_single_pass_row_length) {
+    const RowDots<acc_t> dots{carried.stats.grad_dot_w, carried.stats.w_dot_w, carried.known};
+    const RowDots<acc_t> next_dots = exact_row_step(w, grad, m, v, row_length, k, write, next, dots, carry_next);
+    RowCarry<acc_t> next_carry;
+    next_carry.stats.grad_dot_w = next_dots.grad_dot_w;
+    next_carry.stats.w_dot_w = next_dots.w_dot_w;
+    next_carry.known = next_dots.known;
+    return next_carry;
+  }
+  return carried_statistics_row_step(w, grad, m, v, row_length, k, write, next, carried, carry_next);
 }
 
 // The plain step of one row in place (no GradScaler, no master copy, round to nearest): what the
@@ -304,8 +367,9 @@ NDADAM_ALWAYS_INLINE void exact_row_step(param_t* w, const param_t* grad, acc_t*
 template <typename param_t, typename acc_t>
 NDADAM_ALWAYS_INLINE void statistics_row_step(param_t* w, const param_t* grad, acc_t* m, acc_t* v,
                                               int64_t row_length, const StepScalars<acc_t>& k) {
-  statistics_row_step(w, Gradient<param_t, acc_t, false>{grad, acc_t(1)}, m, v, row_length, k,
-                      RowWriter<param_t, acc_t, RowWrite::kParam>{w});
+  carried_statistics_row_step(w, Gradient<param_t, acc_t, false>{grad, acc_t(1)}, m, v, row_length, k,
+                              RowWriter<param_t, acc_t, RowWrite::kParam>{w}, NextRow<param_t, param_t, acc_t>{},
+                              RowCarry<acc_t>{}, false);
 }
 
 }  // namespace ndadam::cpu

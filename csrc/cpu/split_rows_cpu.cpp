@@ -1,7 +1,8 @@
 // The C++ CPU kernels of the rows-split ops (split_rows_op.h): every row of every tensor of a
 // call, spread over the intra-op threads (at::parallel_for), with the per-row math of
 // ndadam_row_math.h. Phase 1 reads (w, ḡ, m) once; phase 2 reads them once more and writes
-// (w, m): 32 bytes per fp32 element, like the single-process statistics path.
+// (w, m): 32 bytes per fp32 element (the all-reduce between the phases keeps a rank from
+// carrying one row's sums into the next row's sweep, as the single-process kernel does).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -168,7 +169,7 @@ void apply_to_rows(const VectorStepTensors& call, const std::vector<float>& step
           write.first_index = offset;
         }
         const cpu::Gradient<param_t, acc_t, kUnscale> g{grad + offset, static_cast<acc_t>(grad_scale)};
-        cpu::apply_row_update(source + offset, g, m + offset, length, stats.grad_dot_w, update, scalars[tensor], write);
+        cpu::apply_row_update(source + offset, g, m + offset, 0, length, stats.grad_dot_w, update, scalars[tensor], write);
         v[row] = update.exp_avg_sq;
       }
     }

@@ -68,8 +68,8 @@ NDADAM_ALWAYS_INLINE void step_runs(const Work<param_t, kWrite, kUnscale>& work,
     const RowRun& run = work.runs[r];
     const int64_t tensor = run.tensor;
     const int64_t length = work.row_lengths[tensor];
-    // ḡ·w and w·w of the row about to be stepped, when the previous row's last sweep summed them.
-    cpu::RowDots<acc_t> dots;
+    // Sums of the row about to be stepped, when the previous row's last sweep took them.
+    cpu::RowCarry<acc_t> carried;
     for (int64_t row = run.first_row; row < run.end_row; ++row) {
       // The next row this thread steps, for the kernel to prefetch.
       cpu::NextRow<source_t, param_t, acc_t> next;
@@ -87,9 +87,9 @@ NDADAM_ALWAYS_INLINE void step_runs(const Work<param_t, kWrite, kUnscale>& work,
         write.first_index = offset;
       }
       const cpu::Gradient<param_t, acc_t, kUnscale> grad{work.grads[tensor] + offset, work.grad_scale};
-      dots = cpu::row_step(work.sources[tensor] + offset, grad, work.exp_avgs[tensor] + offset,
+      carried = cpu::row_step(work.sources[tensor] + offset, grad, work.exp_avgs[tensor] + offset,
                            work.exp_avg_sqs[tensor] + row, length, work.single_pass_limit, work.scalars[tensor], write,
-                           next, dots, row + 1 < run.end_row);
+                           next, carried, row + 1 < run.end_row);
     }
   }
 }
