@@ -6,8 +6,8 @@
 A ratio from one run of a noisy machine is a result, not a conclusion: this runs
 ``python -m benchmarks.step`` ``--runs`` times (each run round robin over its candidates, as
 usual) and, per parameter set, reports the candidate's time over the baseline's time: the median
-over the runs and its range. Writes ``<out>/step_<device>_runs.csv`` (every run's ratio) and
-prints the summary.
+over the runs and its range. Writes ``<out>/step_<device>_runs[_<tag>].csv`` (every run's ratio)
+and prints the summary.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['set']} {r['candidate']} {r['median_ms']:.2f} ms" for r in rows), file=sys.stderr)
     summary = summarize(run_rows, args.candidate, args.baseline)
     machine = run_rows[0][0]["machine"] if run_rows and run_rows[0] else ""
-    out = Path(step_parsed.out) / f"step_{step_parsed.device.split(':')[0]}_runs.csv"
+    suffix = f"_{step_parsed.tag}" if step_parsed.tag else ""
+    out = Path(step_parsed.out) / f"step_{step_parsed.device.split(':')[0]}_runs{suffix}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[*summary[0].keys(), "machine", "torch", "date"] if summary else ["set"])

@@ -105,6 +105,17 @@ def test_repeated_runs_report_the_median_ratio_and_its_range():
     assert (row["min_ratio"], row["max_ratio"]) == (pytest.approx(0.6), pytest.approx(2.0))
 
 
+def test_repeated_runs_write_one_file_per_tag(tmp_path):
+    """A tagged repeat (another set list) does not overwrite the untagged one's file."""
+    from benchmarks.repeat_runs import main
+
+    common = ["--runs", "2", "--device", "cpu", "--sets", "wrn-16-4", "--repeats", "3", "--out", str(tmp_path), "--no-plot"]
+    assert main(common) == 0 and main(common + ["--tag", "long-rows"]) == 0
+    for name in ("step_cpu_runs.csv", "step_cpu_runs_long-rows.csv"):
+        (row,) = csv.DictReader(open(tmp_path / name))
+        assert row["set"] == "wrn-16-4" and row["runs"] == "2" and float(row["median_ratio"]) > 0
+
+
 def test_bf16_run_times_master_weights_and_stochastic_rounding(tmp_path):
     """Issue 12: what each way of keeping small bf16 updates costs, in bytes and time, in one run."""
     names = "ndadam-native,ndadam-native-master,ndadam-native-stochastic-rounding,adam-fused"
