@@ -333,6 +333,10 @@ def _columns(tensor, pieces):
 def test_rows_split_ops_equal_the_one_process_step(implementation, dtype, pieces):
     """Statistics of each column piece, summed (what the all-reduce does), then each piece
     applied: the one-process reference step, within DESIGN.md section 7's tolerances."""
+    _check_split_step_equals_one_process(implementation, dtype, pieces)
+
+
+def _check_split_step_equals_one_process(implementation, dtype, pieces):
     params, grads, exp_avgs, exp_avg_sqs, steps = _problem(dtype)
     expected = [[t.clone() for t in group] for group in (params, grads, exp_avgs, exp_avg_sqs, steps)]
     reference.vector_step(*expected, hyper=hyperparameter_tensor(0.05, 0.9, 0.99, 1e-8, torch.device("cpu")), beta1=0.9, beta2=0.99, eps=1e-8)
@@ -367,6 +371,45 @@ def test_rows_split_ops_equal_the_one_process_step(implementation, dtype, pieces
         assert (exp_avg.double() - expected[2][i].double()).abs().max() <= tolerance
         scale = max(1.0, expected[3][i].abs().max().item())
         assert (result_sqs[i].double() - expected[3][i].double()).abs().max() <= tolerance * scale
+
+
+def _native_cpu_copy_runs(instruction_set: str, monkeypatch) -> bool:
+    """Whether this CPU and build run the native CPU kernels' copy for ``instruction_set``."""
+    params, grads, exp_avgs, _, _ = _problem(torch.float32)
+    monkeypatch.setenv("NDADAM_CPU_INSTRUCTION_SET", instruction_set)
+    try:
+        torch.ops.ndadam_fused.row_statistics_(params, grads, exp_avgs, torch.empty(sum(p.shape[0] for p in params), 6), None, [])
+        return True
+    except RuntimeError as error:
+        if "does not have" in str(error):
+            return False
+        raise
+
+
+@_NO_NATIVE
+@pytest.mark.parametrize("instruction_set", ["baseline", "x86-64-v3", "x86-64-v4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_native_rows_split_every_cpu_instruction_set_copy(instruction_set, dtype, monkeypatch):
+    """The rows-split CPU kernels are compiled once per instruction set, as the vector step's."""
+    if not _native_cpu_copy_runs(instruction_set, monkeypatch):
+        pytest.skip(f"this CPU or build has no {instruction_set} copy")
+    _check_split_step_equals_one_process(native, dtype, 2)
+
+
+@_NO_NATIVE
+def test_native_rows_split_unknown_instruction_set_is_an_error_that_changes_nothing(monkeypatch):
+    params, grads, exp_avgs, exp_avg_sqs, steps = _problem(torch.float32)
+    rows = sum(p.shape[0] for p in params)
+    statistics = torch.full((rows, 6), 7.0)
+    before = [t.clone() for t in params + exp_avgs + exp_avg_sqs + steps + [statistics]]
+    monkeypatch.setenv("NDADAM_CPU_INSTRUCTION_SET", "avx9000")
+    with pytest.raises(RuntimeError, match="row_statistics_: NDADAM_CPU_INSTRUCTION_SET=avx9000 is not one of"):
+        torch.ops.ndadam_fused.row_statistics_(params, grads, exp_avgs, statistics, None, [])
+    with pytest.raises(RuntimeError, match="apply_row_statistics_: NDADAM_CPU_INSTRUCTION_SET=avx9000 is not one of"):
+        torch.ops.ndadam_fused.apply_row_statistics_(
+            params, grads, exp_avgs, exp_avg_sqs, steps, torch.ones(rows, 6), _hyper(0.05), None, None, [], []
+        )
+    assert all(torch.equal(a, b) for a, b in zip(before, params + exp_avgs + exp_avg_sqs + steps + [statistics]))
 
 
 @pytest.mark.parametrize("implementation", ROW_SPLIT_BACKENDS)

@@ -18,6 +18,7 @@
 #include "../ndadam_rounding.h"
 #include "../ndadam_row_math.h"
 #include "../split_rows_op.h"
+#include "instruction_set.h"
 #include "ndadam_cpu_rows.h"
 
 namespace ndadam {
@@ -83,16 +84,19 @@ void with_unscale(bool unscale, Fn&& fn) {
   }
 }
 
-// Phase 1 over every row: w from the param, or from its master copy (kFromMaster).
+// Phase 1 over the rows of ranges [begin, end): w from the param, or from its master copy
+// (kFromMaster). Inlined into one copy per instruction set (cpu::run_with).
 template <typename param_t, bool kFromMaster, bool kUnscale>
-void statistics_of_rows(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                        at::TensorList master_params, at::Tensor& statistics, double grad_scale) {
+struct StatisticsOfRanges {
   using acc_t = at::opmath_type<param_t>;
   using source_t = std::conditional_t<kFromMaster, acc_t, param_t>;
-  const std::vector<RowRange> ranges = row_ranges(params);
-  const std::vector<int64_t> offsets = statistics_first_rows(params);
-  acc_t* out = statistics.data_ptr<acc_t>();
-  at::parallel_for(0, static_cast<int64_t>(ranges.size()), 1, [&](int64_t begin, int64_t end) {
+  at::TensorList params, grads, exp_avgs, master_params;
+  const std::vector<RowRange>& ranges;
+  const std::vector<int64_t>& offsets;
+  acc_t* out;
+  double grad_scale;
+
+  NDADAM_ALWAYS_INLINE void operator()(int64_t begin, int64_t end) const {
     for (int64_t r = begin; r < end; ++r) {
       const RowRange& range = ranges[r];
       const int64_t length = local_row_length(params[range.tensor]);
@@ -117,34 +121,44 @@ void statistics_of_rows(at::TensorList params, at::TensorList grads, at::TensorL
         row_out[5] = st.m_dot_grad;
       }
     }
+  }
+};
+
+template <typename param_t, bool kFromMaster, bool kUnscale>
+void statistics_of_rows(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList master_params, at::Tensor& statistics, double grad_scale,
+                        cpu::InstructionSet instruction_set) {
+  using acc_t = at::opmath_type<param_t>;
+  const std::vector<RowRange> ranges = row_ranges(params);
+  const std::vector<int64_t> offsets = statistics_first_rows(params);
+  const StatisticsOfRanges<param_t, kFromMaster, kUnscale> body{
+      params, grads, exp_avgs, master_params, ranges, offsets, statistics.data_ptr<acc_t>(), grad_scale};
+  at::parallel_for(0, static_cast<int64_t>(ranges.size()), 1, [&](int64_t begin, int64_t end) {
+    cpu::run_with(instruction_set, body, begin, end);
   });
 }
 
-// Phase 2 over every row: (v', s, r) from the row's full statistics, then m' and w' on the local
-// elements, written as kWrite says.
+// Phase 2 over the rows of ranges [begin, end): (v', s, r) from the row's full statistics, then
+// m' and w' on the local elements, written as kWrite says. Inlined into one copy per
+// instruction set (cpu::run_with).
 template <typename param_t, cpu::RowWrite kWrite, bool kUnscale>
-void apply_to_rows(const VectorStepTensors& call, const std::vector<float>& steps, const at::Tensor& statistics,
-                   const HostHyperparameters& h, double grad_scale) {
+struct ApplyToRanges {
   using acc_t = at::opmath_type<param_t>;
   using source_t = std::conditional_t<kWrite == cpu::RowWrite::kMasterAndParam, acc_t, param_t>;
-  const at::TensorList params = call.params;
-  const std::vector<RowRange> ranges = row_ranges(params);
-  const std::vector<int64_t> offsets = statistics_first_rows(params);
-  std::vector<StepScalars<acc_t>> scalars;
-  std::vector<uint32_t> keys(params.size(), 0);
-  for (size_t i = 0; i < params.size(); ++i) {
-    scalars.push_back(make_step_scalars<acc_t>(h.lr, h.beta1, h.beta2, h.eps, steps[i]));
-    if constexpr (kWrite == cpu::RowWrite::kStochasticParam) {
-      keys[i] = rounding::step_key(*call.rounding_seeds[i].const_data_ptr<int64_t>(), steps[i]);
-    }
-  }
-  const acc_t* reduced = statistics.const_data_ptr<acc_t>();
-  at::parallel_for(0, static_cast<int64_t>(ranges.size()), 1, [&](int64_t begin, int64_t end) {
+  const VectorStepTensors& call;
+  const std::vector<RowRange>& ranges;
+  const std::vector<int64_t>& offsets;
+  const std::vector<StepScalars<acc_t>>& scalars;
+  const std::vector<uint32_t>& keys;
+  const acc_t* reduced;
+  double grad_scale;
+
+  NDADAM_ALWAYS_INLINE void operator()(int64_t begin, int64_t end) const {
     for (int64_t r = begin; r < end; ++r) {
       const RowRange& range = ranges[r];
       const int64_t tensor = range.tensor;
-      const int64_t length = local_row_length(params[tensor]);
-      param_t* w = params[tensor].data_ptr<param_t>();
+      const int64_t length = local_row_length(call.params[tensor]);
+      param_t* w = call.params[tensor].data_ptr<param_t>();
       acc_t* master = nullptr;
       const source_t* source;
       if constexpr (kWrite == cpu::RowWrite::kMasterAndParam) {
@@ -169,10 +183,33 @@ void apply_to_rows(const VectorStepTensors& call, const std::vector<float>& step
           write.first_index = offset;
         }
         const cpu::Gradient<param_t, acc_t, kUnscale> g{grad + offset, static_cast<acc_t>(grad_scale)};
-        cpu::apply_row_update(source + offset, g, m + offset, 0, length, stats.grad_dot_w, update, scalars[tensor], write);
+        cpu::apply_row_update(source + offset, g, m + offset, 0, length, stats.grad_dot_w, update, scalars[tensor],
+                              write);
         v[row] = update.exp_avg_sq;
       }
     }
+  }
+};
+
+template <typename param_t, cpu::RowWrite kWrite, bool kUnscale>
+void apply_to_rows(const VectorStepTensors& call, const std::vector<float>& steps, const at::Tensor& statistics,
+                   const HostHyperparameters& h, double grad_scale, cpu::InstructionSet instruction_set) {
+  using acc_t = at::opmath_type<param_t>;
+  const at::TensorList params = call.params;
+  const std::vector<RowRange> ranges = row_ranges(params);
+  const std::vector<int64_t> offsets = statistics_first_rows(params);
+  std::vector<StepScalars<acc_t>> scalars;
+  std::vector<uint32_t> keys(params.size(), 0);
+  for (size_t i = 0; i < params.size(); ++i) {
+    scalars.push_back(make_step_scalars<acc_t>(h.lr, h.beta1, h.beta2, h.eps, steps[i]));
+    if constexpr (kWrite == cpu::RowWrite::kStochasticParam) {
+      keys[i] = rounding::step_key(*call.rounding_seeds[i].const_data_ptr<int64_t>(), steps[i]);
+    }
+  }
+  const ApplyToRanges<param_t, kWrite, kUnscale> body{
+      call, ranges, offsets, scalars, keys, statistics.const_data_ptr<acc_t>(), grad_scale};
+  at::parallel_for(0, static_cast<int64_t>(ranges.size()), 1, [&](int64_t begin, int64_t end) {
+    cpu::run_with(instruction_set, body, begin, end);
   });
 }
 
@@ -182,15 +219,16 @@ void row_statistics_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   if (params.empty()) {
     return;
   }
+  const cpu::InstructionSet instruction_set = cpu::chosen_instruction_set("ndadam_fused::row_statistics_");
   const double scale = grad_scale.has_value() ? static_cast<double>(*grad_scale->const_data_ptr<float>()) : 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "ndadam_fused::row_statistics_", [&] {
     with_unscale(grad_scale.has_value(), [&](auto unscale) {
       if (!master_params.empty()) {
         statistics_of_rows<scalar_t, true, decltype(unscale)::value>(params, grads, exp_avgs, master_params, statistics,
-                                                                    scale);
+                                                                    scale, instruction_set);
       } else {
         statistics_of_rows<scalar_t, false, decltype(unscale)::value>(params, grads, exp_avgs, master_params,
-                                                                     statistics, scale);
+                                                                     statistics, scale, instruction_set);
       }
     });
   });
@@ -207,6 +245,7 @@ void apply_row_statistics_cpu(at::TensorList params, at::TensorList grads, at::T
   if (params.empty()) {
     return;
   }
+  const cpu::InstructionSet instruction_set = cpu::chosen_instruction_set("ndadam_fused::apply_row_statistics_");
   // GradScaler found an inf or a NaN: nothing changes, step counts included.
   if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) {
     return;
@@ -224,7 +263,7 @@ void apply_row_statistics_cpu(at::TensorList params, at::TensorList grads, at::T
                                     with_row_write<scalar_t>(master_params, rounding_seeds, [&](auto write) {
                                       with_unscale(grad_scale.has_value(), [&](auto unscale) {
                                         apply_to_rows<scalar_t, decltype(write)::value, decltype(unscale)::value>(
-                                            call, steps, statistics, h, scale);
+                                            call, steps, statistics, h, scale, instruction_set);
                                       });
                                     });
                                   });

@@ -7,15 +7,14 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <optional>
-#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "../ndadam_op.h"
 #include "../ndadam_rounding.h"
 #include "../ndadam_row_math.h"
+#include "instruction_set.h"
 #include "ndadam_cpu_rows.h"
 
 namespace ndadam {
@@ -59,104 +58,45 @@ struct Work {
   }
 };
 
-// Runs [begin, end) of one thread. Inlined into one copy per instruction set below.
+// Runs [begin, end) of one thread: inlined into one copy per instruction set
+// (cpu::run_with, instruction_set.h).
 template <typename param_t, cpu::RowWrite kWrite, bool kUnscale>
-NDADAM_ALWAYS_INLINE void step_runs(const Work<param_t, kWrite, kUnscale>& work, int64_t begin, int64_t end) {
-  using acc_t = at::opmath_type<param_t>;
-  using source_t = typename Work<param_t, kWrite, kUnscale>::source_t;
-  for (int64_t r = begin; r < end; ++r) {
-    const RowRun& run = work.runs[r];
-    const int64_t tensor = run.tensor;
-    const int64_t length = work.row_lengths[tensor];
-    // Sums of the row about to be stepped, when the previous row's last sweep took them.
-    cpu::RowCarry<acc_t> carried;
-    for (int64_t row = run.first_row; row < run.end_row; ++row) {
-      // The next row this thread steps, for the kernel to prefetch.
-      cpu::NextRow<source_t, param_t, acc_t> next;
-      if (row + 1 < run.end_row) {
-        next = work.row_pointers(tensor, row + 1);
-      } else if (r + 1 < end) {
-        next = work.row_pointers(work.runs[r + 1].tensor, work.runs[r + 1].first_row);
+struct StepRuns {
+  const Work<param_t, kWrite, kUnscale>& work;
+
+  NDADAM_ALWAYS_INLINE void operator()(int64_t begin, int64_t end) const {
+    using acc_t = at::opmath_type<param_t>;
+    using source_t = typename Work<param_t, kWrite, kUnscale>::source_t;
+    for (int64_t r = begin; r < end; ++r) {
+      const RowRun& run = work.runs[r];
+      const int64_t tensor = run.tensor;
+      const int64_t length = work.row_lengths[tensor];
+      // Sums of the row about to be stepped, when the previous row's last sweep took them.
+      cpu::RowCarry<acc_t> carried;
+      for (int64_t row = run.first_row; row < run.end_row; ++row) {
+        // The next row this thread steps, for the kernel to prefetch.
+        cpu::NextRow<source_t, param_t, acc_t> next;
+        if (row + 1 < run.end_row) {
+          next = work.row_pointers(tensor, row + 1);
+        } else if (r + 1 < end) {
+          next = work.row_pointers(work.runs[r + 1].tensor, work.runs[r + 1].first_row);
+        }
+        const int64_t offset = row * length;
+        cpu::RowWriter<param_t, acc_t, kWrite> write{work.params[tensor] + offset};
+        if constexpr (kWrite == cpu::RowWrite::kMasterAndParam) {
+          write.master = work.masters[tensor] + offset;
+        } else if constexpr (kWrite == cpu::RowWrite::kStochasticParam) {
+          write.key = work.rounding_keys[tensor];
+          write.first_index = offset;
+        }
+        const cpu::Gradient<param_t, acc_t, kUnscale> grad{work.grads[tensor] + offset, work.grad_scale};
+        carried = cpu::row_step(work.sources[tensor] + offset, grad, work.exp_avgs[tensor] + offset,
+                                work.exp_avg_sqs[tensor] + row, length, work.single_pass_limit, work.scalars[tensor],
+                                write, next, carried, row + 1 < run.end_row);
       }
-      const int64_t offset = row * length;
-      cpu::RowWriter<param_t, acc_t, kWrite> write{work.params[tensor] + offset};
-      if constexpr (kWrite == cpu::RowWrite::kMasterAndParam) {
-        write.master = work.masters[tensor] + offset;
-      } else if constexpr (kWrite == cpu::RowWrite::kStochasticParam) {
-        write.key = work.rounding_keys[tensor];
-        write.first_index = offset;
-      }
-      const cpu::Gradient<param_t, acc_t, kUnscale> grad{work.grads[tensor] + offset, work.grad_scale};
-      carried = cpu::row_step(work.sources[tensor] + offset, grad, work.exp_avgs[tensor] + offset,
-                           work.exp_avg_sqs[tensor] + row, length, work.single_pass_limit, work.scalars[tensor], write,
-                           next, carried, row + 1 < run.end_row);
     }
   }
-}
-
-template <typename param_t, cpu::RowWrite kWrite, bool kUnscale>
-void step_runs_baseline(const Work<param_t, kWrite, kUnscale>& work, int64_t begin, int64_t end) {
-  step_runs(work, begin, end);
-}
-
-// x86-64 builds target the baseline instruction set (SSE2) so that the wheel runs anywhere;
-// these copies of the same loops use AVX-512 (x86-64-v4) or AVX2 and FMA (x86-64-v3) where the
-// CPU has them, picked at run time. One core of a Xeon (Sapphire Rapids), fp32 rows of 768:
-// SSE2 0.83, AVX2 0.96-0.99, AVX-512 1.01-1.06 G elements/s.
-#if defined(__GNUC__) && defined(__x86_64__)
-#define NDADAM_X86_COPIES 1
-template <typename param_t, cpu::RowWrite kWrite, bool kUnscale>
-__attribute__((target("arch=x86-64-v4"))) void step_runs_x86_64_v4(const Work<param_t, kWrite, kUnscale>& work,
-                                                                    int64_t begin, int64_t end) {
-  step_runs(work, begin, end);
-}
-
-template <typename param_t, cpu::RowWrite kWrite, bool kUnscale>
-__attribute__((target("arch=x86-64-v3"))) void step_runs_x86_64_v3(const Work<param_t, kWrite, kUnscale>& work,
-                                                                    int64_t begin, int64_t end) {
-  step_runs(work, begin, end);
-}
-
-#endif
-
-enum class InstructionSet { kBaseline = 0, kX86_64_V3 = 1, kX86_64_V4 = 2 };
-
-InstructionSet best_instruction_set() {
-#ifdef NDADAM_X86_COPIES
-  static const InstructionSet best = __builtin_cpu_supports("x86-64-v4")   ? InstructionSet::kX86_64_V4
-                                     : __builtin_cpu_supports("x86-64-v3") ? InstructionSet::kX86_64_V3
-                                                                            : InstructionSet::kBaseline;
-  return best;
-#else
-  return InstructionSet::kBaseline;
-#endif
-}
-
-// The best copy this CPU runs, or the one NDADAM_CPU_INSTRUCTION_SET names (baseline,
-// x86-64-v3, x86-64-v4): tests run every copy that way. Read on every call, before anything
-// is modified, so that a bad value is an error that changes nothing.
-InstructionSet chosen_instruction_set() {
-  const InstructionSet best = best_instruction_set();
-  const char* requested = std::getenv("NDADAM_CPU_INSTRUCTION_SET");
-  if (requested == nullptr || *requested == '\0') {
-    return best;
-  }
-  const std::string name(requested);
-  InstructionSet chosen;
-  if (name == "baseline") {
-    chosen = InstructionSet::kBaseline;
-  } else if (name == "x86-64-v3") {
-    chosen = InstructionSet::kX86_64_V3;
-  } else if (name == "x86-64-v4") {
-    chosen = InstructionSet::kX86_64_V4;
-  } else {
-    TORCH_CHECK(false, "ndadam_fused::vector_step_: NDADAM_CPU_INSTRUCTION_SET=", name,
-                " is not one of baseline, x86-64-v3, x86-64-v4");
-  }
-  TORCH_CHECK(static_cast<int>(chosen) <= static_cast<int>(best), "ndadam_fused::vector_step_: NDADAM_CPU_INSTRUCTION_SET=",
-              name, " asks for instructions this CPU (or this build) does not have");
-  return chosen;
-}
+};
 
 // What a call holds besides the tensors: the step's scalars and GradScaler's scale, read on the host.
 struct CallScalars {
@@ -167,7 +107,7 @@ struct CallScalars {
 
 template <typename param_t, cpu::RowWrite kWrite, bool kUnscale>
 void update_rows(const VectorStepTensors& call, const std::vector<float>& steps, const CallScalars& scalars,
-                 int64_t single_pass_limit, InstructionSet instruction_set) {
+                 int64_t single_pass_limit, cpu::InstructionSet instruction_set) {
   using acc_t = at::opmath_type<param_t>;
   const int64_t tensors = static_cast<int64_t>(call.params.size());
 
@@ -203,18 +143,9 @@ void update_rows(const VectorStepTensors& call, const std::vector<float>& steps,
     }
   }
 
+  const StepRuns<param_t, kWrite, kUnscale> step_runs{work};
   at::parallel_for(0, static_cast<int64_t>(work.runs.size()), 1, [&](int64_t begin, int64_t end) {
-#ifdef NDADAM_X86_COPIES
-    switch (instruction_set) {
-      case InstructionSet::kX86_64_V4:
-        return step_runs_x86_64_v4(work, begin, end);
-      case InstructionSet::kX86_64_V3:
-        return step_runs_x86_64_v3(work, begin, end);
-      case InstructionSet::kBaseline:
-        break;
-    }
-#endif
-    step_runs_baseline(work, begin, end);
+    cpu::run_with(instruction_set, step_runs, begin, end);
   });
 }
 
@@ -223,7 +154,7 @@ void update_rows(const VectorStepTensors& call, const std::vector<float>& steps,
 // rest): only those kernels are compiled.
 template <typename param_t>
 void update_rows_for_options(const VectorStepTensors& call, const std::vector<float>& steps,
-                             const CallScalars& scalars, int64_t single_pass_limit, InstructionSet instruction_set) {
+                             const CallScalars& scalars, int64_t single_pass_limit, cpu::InstructionSet instruction_set) {
   auto with_unscale = [&](auto write) {
     constexpr cpu::RowWrite kWrite = decltype(write)::value;
     if (scalars.unscale) {
@@ -258,7 +189,7 @@ void vector_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   if (params.empty()) {
     return;
   }
-  const InstructionSet instruction_set = chosen_instruction_set();
+  const cpu::InstructionSet instruction_set = cpu::chosen_instruction_set("ndadam_fused::vector_step_");
   // GradScaler found an inf or a NaN: nothing changes, step counts included.
   if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) {
     return;
