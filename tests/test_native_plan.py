@@ -37,8 +37,10 @@ def test_no_plan_leaves_more_than_a_quarter_of_lanes_idle(name, dtype):
     lanes = native._C.cuda_plan_lanes(vector_shapes(name), PARAM_BYTES[dtype])
     idle = 1 - lanes["elements"] / lanes["slots"]
     assert idle <= IDLE_LIMIT, f"{name} ({dtype}): {idle:.1%} of the thread slots are idle"
-    # Every row of every set (8192 at most) is on the exact path, 20 B per fp32 element.
-    assert lanes["statistics_elements"] == 0
+    # Every row of every set up to 8192 long is on the exact path, 20 B per fp32 element; only
+    # longer rows (llama-7b-mlp's 11,008) take the statistics path.
+    longer = sum(rows * length for rows, length in vector_shapes(name) if length > 8192)
+    assert lanes["statistics_elements"] == longer
 
 
 def test_rows_up_to_8192_take_the_exact_path():
