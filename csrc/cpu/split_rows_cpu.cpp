@@ -96,22 +96,30 @@ struct StatisticsOfRanges {
   acc_t* out;
   double grad_scale;
 
+  // Row `row` of tensor `tensor`: where its w, ḡ and m start.
+  cpu::NextRow<source_t, param_t, acc_t> row_pointers(int64_t tensor, int64_t row) const {
+    const int64_t offset = row * local_row_length(params[tensor]);
+    const source_t* w;
+    if constexpr (kFromMaster) {
+      w = master_params[tensor].const_data_ptr<acc_t>();
+    } else {
+      w = params[tensor].const_data_ptr<param_t>();
+    }
+    return {w + offset, grads[tensor].const_data_ptr<param_t>() + offset,
+            exp_avgs[tensor].const_data_ptr<acc_t>() + offset};
+  }
+
   NDADAM_ALWAYS_INLINE void operator()(int64_t begin, int64_t end) const {
     for (int64_t r = begin; r < end; ++r) {
       const RowRange& range = ranges[r];
       const int64_t length = local_row_length(params[range.tensor]);
-      const source_t* w;
-      if constexpr (kFromMaster) {
-        w = master_params[range.tensor].const_data_ptr<acc_t>();
-      } else {
-        w = params[range.tensor].const_data_ptr<param_t>();
-      }
-      const param_t* grad = grads[range.tensor].const_data_ptr<param_t>();
-      const acc_t* m = exp_avgs[range.tensor].const_data_ptr<acc_t>();
       for (int64_t row = range.first_row; row < range.end_row; ++row) {
-        const int64_t offset = row * length;
-        const cpu::Gradient<param_t, acc_t, kUnscale> g{grad + offset, static_cast<acc_t>(grad_scale)};
-        const RowStatistics<acc_t> st = cpu::row_statistics(w + offset, g, m + offset, length);
+        const cpu::NextRow<source_t, param_t, acc_t> here = row_pointers(range.tensor, row);
+        const cpu::NextRow<source_t, param_t, acc_t> next = row + 1 < range.end_row ? row_pointers(range.tensor, row + 1)
+                                                            : r + 1 < end ? row_pointers(ranges[r + 1].tensor, ranges[r + 1].first_row)
+                                                                          : cpu::NextRow<source_t, param_t, acc_t>{};
+        const cpu::Gradient<param_t, acc_t, kUnscale> g{here.grad, static_cast<acc_t>(grad_scale)};
+        const RowStatistics<acc_t> st = cpu::row_statistics(here.w, g, here.m, length, next);
         acc_t* row_out = out + (offsets[range.tensor] + row) * kRowStatisticsPerRow;
         row_out[0] = st.grad_dot_w;
         row_out[1] = st.grad_dot_grad;
@@ -153,6 +161,19 @@ struct ApplyToRanges {
   const acc_t* reduced;
   double grad_scale;
 
+  // Row `row` of tensor `tensor`: where its w (the param or its master copy), ḡ and m start.
+  cpu::NextRow<source_t, param_t, acc_t> row_pointers(int64_t tensor, int64_t row) const {
+    const int64_t offset = row * local_row_length(call.params[tensor]);
+    const source_t* source;
+    if constexpr (kWrite == cpu::RowWrite::kMasterAndParam) {
+      source = call.master_params[tensor].const_data_ptr<acc_t>();
+    } else {
+      source = call.params[tensor].const_data_ptr<param_t>();
+    }
+    return {source + offset, call.grads[tensor].const_data_ptr<param_t>() + offset,
+            call.exp_avgs[tensor].const_data_ptr<acc_t>() + offset};
+  }
+
   NDADAM_ALWAYS_INLINE void operator()(int64_t begin, int64_t end) const {
     for (int64_t r = begin; r < end; ++r) {
       const RowRange& range = ranges[r];
@@ -183,8 +204,11 @@ struct ApplyToRanges {
           write.first_index = offset;
         }
         const cpu::Gradient<param_t, acc_t, kUnscale> g{grad + offset, static_cast<acc_t>(grad_scale)};
-        cpu::apply_row_update(source + offset, g, m + offset, 0, length, stats.grad_dot_w, update, scalars[tensor],
-                              write);
+        const cpu::NextRow<source_t, param_t, acc_t> next = row + 1 < range.end_row ? row_pointers(tensor, row + 1)
+                                                            : r + 1 < end ? row_pointers(ranges[r + 1].tensor, ranges[r + 1].first_row)
+                                                                          : cpu::NextRow<source_t, param_t, acc_t>{};
+        cpu::apply_row_update(source + offset, g, m + offset, length, stats.grad_dot_w, update, scalars[tensor], write,
+                              next);
         v[row] = update.exp_avg_sq;
       }
     }
