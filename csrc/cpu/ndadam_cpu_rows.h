@@ -321,7 +321,7 @@ NDADAM_ALWAYS_INLINE RowCarry<acc_t> carried_statistics_row_step(const source_t*
                                                                  int64_t row_length, const StepScalars<acc_t>& k,
                                                                  const Writer& write, const Next& next,
                                                                  const RowCarry<acc_t>& carried, bool carry_next) {
-  const RowStatistics<acc_t> stats = carried.known ? carried.stats : row_statistics(w, grad, m, row_length);
+  const RowStatistics<acc_t> stats = carried.known ? carried.stats : row_statistics(w, grad, m, row_length, next);
   const RowUpdate<acc_t> update = update_from_statistics(stats, *v, k);
   if (!carry_next) {
     apply_row_update(w, grad, m, row_length, stats.grad_dot_w, update, k, write, next);
