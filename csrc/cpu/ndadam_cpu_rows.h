@@ -334,6 +334,8 @@ NDADAM_ALWAYS_INLINE RowCarry<acc_t> carried_statistics_row_step(const source_t*
   const acc_t* __restrict__ next_m = next.m;
   for (int64_t start = 0; start < row_length; start += kSumBlock) {
     const int64_t end = std::min(start + kSumBlock, row_length);
+    // The six sums of row_statistics, written out in the update's own loop: as a second loop
+    // over the block (row_statistics' block function) the step was 3-5% slower on rows of 11,008.
     acc_t gw = 0, gg = 0, ww = 0, mw = 0, mm = 0, mg = 0;
 #pragma omp simd reduction(+ : gw, gg, ww, mw, mm, mg)
     for (int64_t i = start; i < end; ++i) {
