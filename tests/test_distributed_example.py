@@ -68,3 +68,22 @@ def test_distributed_step_benchmark_quick_mode(tmp_path):
     split = next(r for r in rows if r["layout"] == "rows-split" and r["candidate"] == "ndadam-native")
     assert split["all_reduces_per_step"] == "1" and float(split["bytes_per_local_row"]) == 24.0
     assert "wrote" in output
+
+
+def test_torchrun_scripts_finish_with_their_exit_code_and_all_their_output():
+    """benchmarks.torchrun_exit.finish leaves without interpreter finalization (a gloo worker
+    thread releasing tensors during it aborted the process): the exit code and the buffered
+    output must still come out, with a process group (one gloo rank) destroyed first."""
+    script = (
+        "import torch.distributed as dist\n"
+        "from benchmarks.torchrun_exit import finish\n"
+        "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
+        "print('buffered line', end='')\n"
+        "finish(3)\n"
+    )
+    # Block-buffered stdout, as under torchrun writing to a file or a pipe.
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "buffered line"
+
