@@ -84,42 +84,63 @@ void with_unscale(bool unscale, Fn&& fn) {
   }
 }
 
+// Each tensor's w (the param or its master copy), ḡ and m base pointers and row length, read
+// once per call: the loops over rows touch no Tensor.
+template <typename source_t, typename param_t, typename acc_t>
+struct TensorRows {
+  std::vector<const source_t*> w;
+  std::vector<const param_t*> grad;
+  std::vector<const acc_t*> m;
+  std::vector<int64_t> length;
+
+  TensorRows(at::TensorList sources, at::TensorList grads, at::TensorList exp_avgs) {
+    for (size_t i = 0; i < sources.size(); ++i) {
+      w.push_back(sources[i].const_data_ptr<source_t>());
+      grad.push_back(grads[i].const_data_ptr<param_t>());
+      m.push_back(exp_avgs[i].const_data_ptr<acc_t>());
+      length.push_back(local_row_length(sources[i]));
+    }
+  }
+
+  cpu::NextRow<source_t, param_t, acc_t> at(int64_t tensor, int64_t row) const {
+    const int64_t offset = row * length[tensor];
+    return {w[tensor] + offset, grad[tensor] + offset, m[tensor] + offset};
+  }
+
+  // The row a thread steps after `row` of ranges[r] (its ranges are [r, end)): none after the last.
+  cpu::NextRow<source_t, param_t, acc_t> after(const std::vector<RowRange>& ranges, int64_t r, int64_t end,
+                                               int64_t row) const {
+    if (row + 1 < ranges[r].end_row) {
+      return at(ranges[r].tensor, row + 1);
+    }
+    if (r + 1 < end) {
+      return at(ranges[r + 1].tensor, ranges[r + 1].first_row);
+    }
+    return {};
+  }
+};
+
 // Phase 1 over the rows of ranges [begin, end): w from the param, or from its master copy
 // (kFromMaster). Inlined into one copy per instruction set (cpu::run_with).
 template <typename param_t, bool kFromMaster, bool kUnscale>
 struct StatisticsOfRanges {
   using acc_t = at::opmath_type<param_t>;
   using source_t = std::conditional_t<kFromMaster, acc_t, param_t>;
-  at::TensorList params, grads, exp_avgs, master_params;
+  const TensorRows<source_t, param_t, acc_t>& rows;
   const std::vector<RowRange>& ranges;
   const std::vector<int64_t>& offsets;
   acc_t* out;
   double grad_scale;
 
-  // Row `row` of tensor `tensor`: where its w, ḡ and m start.
-  cpu::NextRow<source_t, param_t, acc_t> row_pointers(int64_t tensor, int64_t row) const {
-    const int64_t offset = row * local_row_length(params[tensor]);
-    const source_t* w;
-    if constexpr (kFromMaster) {
-      w = master_params[tensor].const_data_ptr<acc_t>();
-    } else {
-      w = params[tensor].const_data_ptr<param_t>();
-    }
-    return {w + offset, grads[tensor].const_data_ptr<param_t>() + offset,
-            exp_avgs[tensor].const_data_ptr<acc_t>() + offset};
-  }
-
   NDADAM_ALWAYS_INLINE void operator()(int64_t begin, int64_t end) const {
     for (int64_t r = begin; r < end; ++r) {
       const RowRange& range = ranges[r];
-      const int64_t length = local_row_length(params[range.tensor]);
+      const int64_t length = rows.length[range.tensor];
       for (int64_t row = range.first_row; row < range.end_row; ++row) {
-        const cpu::NextRow<source_t, param_t, acc_t> here = row_pointers(range.tensor, row);
-        const cpu::NextRow<source_t, param_t, acc_t> next = row + 1 < range.end_row ? row_pointers(range.tensor, row + 1)
-                                                            : r + 1 < end ? row_pointers(ranges[r + 1].tensor, ranges[r + 1].first_row)
-                                                                          : cpu::NextRow<source_t, param_t, acc_t>{};
+        const cpu::NextRow<source_t, param_t, acc_t> here = rows.at(range.tensor, row);
         const cpu::Gradient<param_t, acc_t, kUnscale> g{here.grad, static_cast<acc_t>(grad_scale)};
-        const RowStatistics<acc_t> st = cpu::row_statistics(here.w, g, here.m, length, next);
+        const RowStatistics<acc_t> st =
+            cpu::row_statistics(here.w, g, here.m, length, rows.after(ranges, r, end, row));
         acc_t* row_out = out + (offsets[range.tensor] + row) * kRowStatisticsPerRow;
         row_out[0] = st.grad_dot_w;
         row_out[1] = st.grad_dot_grad;
@@ -139,8 +160,10 @@ void statistics_of_rows(at::TensorList params, at::TensorList grads, at::TensorL
   using acc_t = at::opmath_type<param_t>;
   const std::vector<RowRange> ranges = row_ranges(params);
   const std::vector<int64_t> offsets = statistics_first_rows(params);
-  const StatisticsOfRanges<param_t, kFromMaster, kUnscale> body{
-      params, grads, exp_avgs, master_params, ranges, offsets, statistics.data_ptr<acc_t>(), grad_scale};
+  using source_t = std::conditional_t<kFromMaster, acc_t, param_t>;
+  const TensorRows<source_t, param_t, acc_t> rows(kFromMaster ? master_params : params, grads, exp_avgs);
+  const StatisticsOfRanges<param_t, kFromMaster, kUnscale> body{rows, ranges, offsets, statistics.data_ptr<acc_t>(),
+                                                                grad_scale};
   at::parallel_for(0, static_cast<int64_t>(ranges.size()), 1, [&](int64_t begin, int64_t end) {
     cpu::run_with(instruction_set, body, begin, end);
   });
@@ -154,6 +177,7 @@ struct ApplyToRanges {
   using acc_t = at::opmath_type<param_t>;
   using source_t = std::conditional_t<kWrite == cpu::RowWrite::kMasterAndParam, acc_t, param_t>;
   const VectorStepTensors& call;
+  const TensorRows<source_t, param_t, acc_t>& rows;
   const std::vector<RowRange>& ranges;
   const std::vector<int64_t>& offsets;
   const std::vector<StepScalars<acc_t>>& scalars;
@@ -161,24 +185,11 @@ struct ApplyToRanges {
   const acc_t* reduced;
   double grad_scale;
 
-  // Row `row` of tensor `tensor`: where its w (the param or its master copy), ḡ and m start.
-  cpu::NextRow<source_t, param_t, acc_t> row_pointers(int64_t tensor, int64_t row) const {
-    const int64_t offset = row * local_row_length(call.params[tensor]);
-    const source_t* source;
-    if constexpr (kWrite == cpu::RowWrite::kMasterAndParam) {
-      source = call.master_params[tensor].const_data_ptr<acc_t>();
-    } else {
-      source = call.params[tensor].const_data_ptr<param_t>();
-    }
-    return {source + offset, call.grads[tensor].const_data_ptr<param_t>() + offset,
-            call.exp_avgs[tensor].const_data_ptr<acc_t>() + offset};
-  }
-
   NDADAM_ALWAYS_INLINE void operator()(int64_t begin, int64_t end) const {
     for (int64_t r = begin; r < end; ++r) {
       const RowRange& range = ranges[r];
       const int64_t tensor = range.tensor;
-      const int64_t length = local_row_length(call.params[tensor]);
+      const int64_t length = rows.length[tensor];
       param_t* w = call.params[tensor].data_ptr<param_t>();
       acc_t* master = nullptr;
       const source_t* source;
@@ -204,11 +215,8 @@ struct ApplyToRanges {
           write.first_index = offset;
         }
         const cpu::Gradient<param_t, acc_t, kUnscale> g{grad + offset, static_cast<acc_t>(grad_scale)};
-        const cpu::NextRow<source_t, param_t, acc_t> next = row + 1 < range.end_row ? row_pointers(tensor, row + 1)
-                                                            : r + 1 < end ? row_pointers(ranges[r + 1].tensor, ranges[r + 1].first_row)
-                                                                          : cpu::NextRow<source_t, param_t, acc_t>{};
         cpu::apply_row_update(source + offset, g, m + offset, length, stats.grad_dot_w, update, scalars[tensor], write,
-                              next);
+                              rows.after(ranges, r, end, row));
         v[row] = update.exp_avg_sq;
       }
     }
@@ -230,8 +238,11 @@ void apply_to_rows(const VectorStepTensors& call, const std::vector<float>& step
       keys[i] = rounding::step_key(*call.rounding_seeds[i].const_data_ptr<int64_t>(), steps[i]);
     }
   }
+  using source_t = std::conditional_t<kWrite == cpu::RowWrite::kMasterAndParam, acc_t, param_t>;
+  const TensorRows<source_t, param_t, acc_t> rows(
+      kWrite == cpu::RowWrite::kMasterAndParam ? call.master_params : call.params, call.grads, call.exp_avgs);
   const ApplyToRanges<param_t, kWrite, kUnscale> body{
-      call, ranges, offsets, scalars, keys, statistics.const_data_ptr<acc_t>(), grad_scale};
+      call, rows, ranges, offsets, scalars, keys, statistics.const_data_ptr<acc_t>(), grad_scale};
   at::parallel_for(0, static_cast<int64_t>(ranges.size()), 1, [&](int64_t begin, int64_t end) {
     cpu::run_with(instruction_set, body, begin, end);
   });
