@@ -111,16 +111,8 @@ NDADAM_ALWAYS_INLINE void prefetch_block(const T* data, int64_t start, int64_t e
   }
 }
 
-// ḡ·w and w·w of a row: what the exact form's first sweep sums. `known`: already summed (by the
-// previous row's last sweep, see exact_row_step).
-template <typename acc_t>
-struct RowDots {
-  acc_t grad_dot_w = 0;
-  acc_t w_dot_w = 0;
-  bool known = false;
-};
-
-// The six statistics of a row, summed by the previous row's last sweep (known) or not yet.
+// Sums of a row, taken by the previous row's last sweep (known) or not yet: all six for the
+// statistics form, ḡ·w and w·w (what its first sweep sums) for the exact form.
 template <typename acc_t>
 struct RowCarry {
   RowStatistics<acc_t> stats{0, 0, 0, 0, 0, 0};
@@ -142,18 +134,18 @@ struct RowCarry {
 // `w` is where the row is read from (the param, or its master copy); `write` stores w' (it may
 // write through `w`'s memory: w is not restrict).
 //
-// `dots`: this row's ḡ·w and w·w when known, and the sums of the next row (same length, same
+// `carried`: this row's ḡ·w and w·w when known, and the sums of the next row (same length, same
 // tensor) are wanted when `carry_next`: sweep 3 then takes the next row's sweep 1 along (its w
 // and ḡ are in cache by then, prefetched in sweep 2), so that a run of rows costs two sweeps a
 // row after its first. The sums are the same blocks in the same order either way.
 template <typename source_t, typename acc_t, typename GradientRow, typename Writer, typename Next>
-NDADAM_ALWAYS_INLINE RowDots<acc_t> exact_row_step(const source_t* w, const GradientRow& grad, acc_t* __restrict__ m,
+NDADAM_ALWAYS_INLINE RowCarry<acc_t> exact_row_step(const source_t* w, const GradientRow& grad, acc_t* __restrict__ m,
                                                    acc_t* __restrict__ v, int64_t row_length,
                                                    const StepScalars<acc_t>& k, const Writer& write, const Next& next,
-                                                   RowDots<acc_t> dots = {}, bool carry_next = false) {
-  acc_t grad_dot_w = dots.grad_dot_w;
-  acc_t w_dot_w = dots.w_dot_w;
-  for (int64_t start = 0; !dots.known && start < row_length; start += kSumBlock) {
+                                                   const RowCarry<acc_t>& carried = {}, bool carry_next = false) {
+  acc_t grad_dot_w = carried.stats.grad_dot_w;
+  acc_t w_dot_w = carried.stats.w_dot_w;
+  for (int64_t start = 0; !carried.known && start < row_length; start += kSumBlock) {
     const int64_t end = std::min(start + kSumBlock, row_length);
     acc_t gw = 0, ww = 0;
 #pragma omp simd reduction(+ : gw, ww)
@@ -196,7 +188,7 @@ NDADAM_ALWAYS_INLINE RowDots<acc_t> exact_row_step(const source_t* w, const Grad
   const acc_t s = step_size(v_new, k);
   const acc_t w_bar_sq_norm = w_dot_w - acc_t(2) * s * w_dot_m_new + s * s * m_new_sq_norm;
   const acc_t scale = row_scale(w_bar_sq_norm, m_new_abs_sum, k);
-  RowDots<acc_t> next_dots;
+  RowCarry<acc_t> next_carry;
   GradientRow next_grad = grad;
   next_grad.data = next.grad;
   for (int64_t start = 0; start < row_length; start += kSumBlock) {
@@ -211,8 +203,8 @@ NDADAM_ALWAYS_INLINE RowDots<acc_t> exact_row_step(const source_t* w, const Grad
         gw += next_grad(i) * next_wi;
         ww += next_wi * next_wi;
       }
-      next_dots.grad_dot_w += gw;
-      next_dots.w_dot_w += ww;
+      next_carry.stats.grad_dot_w += gw;
+      next_carry.stats.w_dot_w += ww;
     } else {
 #pragma omp simd
       for (int64_t i = start; i < end; ++i) {
@@ -220,9 +212,9 @@ NDADAM_ALWAYS_INLINE RowDots<acc_t> exact_row_step(const source_t* w, const Grad
       }
     }
   }
-  next_dots.known = carry_next;
+  next_carry.known = carry_next;
   *v = v_new;
-  return next_dots;
+  return next_carry;
 }
 
 // The six statistics [ḡ·w, ḡ·ḡ, w·w, m·w, m·m, m·ḡ] of one row (or of a rank's piece of it),
@@ -372,13 +364,7 @@ NDADAM_ALWAYS_INLINE RowCarry<acc_t> row_step(const source_t* w, const GradientR
                                               const StepScalars<acc_t>& k, const Writer& write, const Next& next,
                                               const RowCarry<acc_t>& carried = {}, bool carry_next = false) {
   if (row_length <= max_single_pass_row_length) {
-    const RowDots<acc_t> dots{carried.stats.grad_dot_w, carried.stats.w_dot_w, carried.known};
-    const RowDots<acc_t> next_dots = exact_row_step(w, grad, m, v, row_length, k, write, next, dots, carry_next);
-    RowCarry<acc_t> next_carry;
-    next_carry.stats.grad_dot_w = next_dots.grad_dot_w;
-    next_carry.stats.w_dot_w = next_dots.w_dot_w;
-    next_carry.known = next_dots.known;
-    return next_carry;
+    return exact_row_step(w, grad, m, v, row_length, k, write, next, carried, carry_next);
   }
   return carried_statistics_row_step(w, grad, m, v, row_length, k, write, next, carried, carry_next);
 }
