@@ -2,13 +2,16 @@
 
 Tensors with ``dim() >= 2`` are ND-Adam vectors (one row per output unit, Linear weights as
 ``[out, in]``); the rest are scalars. ``build(name, ...)`` makes the tensors and their grads.
+
+``SETS`` are architectures; ``ROW_LENGTH_SETS`` (``rows-768`` ... ``rows-8192``, never run by
+default) hold one row length each, for how the step's speed depends on the row length alone.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["SETS", "GPU_ONLY", "shapes", "build"]
+__all__ = ["SETS", "GPU_ONLY", "ROW_LENGTH_SETS", "shapes", "build"]
 
 
 def _wide_resnet(depth: int = 28, width: int = 10, classes: int = 10) -> list[tuple[int, ...]]:
@@ -57,6 +60,13 @@ def _many_small(count: int = 2000) -> list[tuple[int, ...]]:
     return out
 
 
+def _uniform_rows(row_length: int, tensors: int = 7, elements_per_tensor: int = 640 * 5760) -> list[tuple[int, ...]]:
+    """``tensors`` matrices with rows of ``row_length``, each of about ``elements_per_tensor``
+    elements (by default the size of WRN-28-10's seven stage-3 convolutions, ``[640, 5760]``)."""
+    rows = max(1, round(elements_per_tensor / row_length))
+    return [(rows, row_length)] * tensors
+
+
 SETS = {
     "wrn-16-4": lambda: _wide_resnet(16, 4),
     "wrn-28-10": lambda: _wide_resnet(28, 10),
@@ -69,11 +79,16 @@ SETS = {
 #: Too large for a CPU machine's time budget.
 GPU_ONLY = {"transformer-1.3b"}
 
+#: One row length per set (the row lengths of GPT-2, WRN-28-10 and the 1.3B set), about 25.8M
+#: elements each: asked for by name (``--sets rows-768,rows-5760``), never part of a default run.
+ROW_LENGTH_SETS = {f"rows-{length}": (lambda length=length: _uniform_rows(length)) for length in (768, 1440, 2880, 5760, 8192)}
+
 
 def shapes(name: str) -> list[tuple[int, ...]]:
-    if name not in SETS:
-        raise ValueError(f"unknown parameter set {name!r}; choose from {', '.join(SETS)}")
-    return SETS[name]()
+    make = SETS.get(name) or ROW_LENGTH_SETS.get(name)
+    if make is None:
+        raise ValueError(f"unknown parameter set {name!r}; choose from {', '.join([*SETS, *ROW_LENGTH_SETS])}")
+    return make()
 
 
 def build(name: str, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:

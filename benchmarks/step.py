@@ -519,7 +519,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
-    parser.add_argument("--sets", default=None, help="comma-separated: " + ", ".join(param_sets.SETS))
+    parser.add_argument("--sets", default=None,
+                        help="comma-separated: " + ", ".join([*param_sets.SETS, *param_sets.ROW_LENGTH_SETS]))
     parser.add_argument("--candidates", default=None,
                         help="comma-separated subset of " + ", ".join(CANDIDATES) + " (default: all; the "
                         "master/stochastic-rounding ones only with --dtype bfloat16 or float16)")

@@ -162,3 +162,14 @@ def test_host_only_mode_runs_from_the_command_line_without_triton_interpret(tmp_
     assert done.returncode == 0, done.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "step_cpu_host.csv")))
     assert {r["candidate"] for r in rows} >= {"ndadam-triton-host", "ndadam-triton-host-fresh-grads"}
+
+
+def test_row_length_sets_hold_one_row_length_each_and_are_not_run_by_default():
+    for name, length in (("rows-768", 768), ("rows-5760", 5760), ("rows-8192", 8192)):
+        shapes = param_sets.shapes(name)
+        assert {math.prod(s[1:]) for s in shapes} == {length}
+        assert sum(math.prod(s) for s in shapes) == pytest.approx(7 * 640 * 5760, rel=0.01)
+        assert step.parse_args(["--device", "cpu", "--sets", name]).sets == [name]
+    assert param_sets.shapes("rows-5760") == [(640, 5760)] * 7  # WRN-28-10's stage-3 convolutions
+    for device in ("cpu", "cuda"):
+        assert not set(step.parse_args(["--device", device]).sets) & set(param_sets.ROW_LENGTH_SETS)
