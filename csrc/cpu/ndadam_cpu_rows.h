@@ -82,9 +82,10 @@ struct RowWriter {
   }
 };
 
-// The row after this one, to prefetch while this one is swept in cache; null pointers: none.
+// Where a row's w, ḡ and m start. The row functions take the row after this one as `next`, to
+// prefetch while this one is swept in cache (null pointers: none).
 template <typename source_t, typename grad_t, typename acc_t>
-struct NextRow {
+struct RowPointers {
   const source_t* w = nullptr;
   const grad_t* grad = nullptr;
   const acc_t* m = nullptr;
@@ -257,7 +258,7 @@ NDADAM_ALWAYS_INLINE RowStatistics<acc_t> row_statistics(const source_t* w, cons
 template <typename source_t, typename acc_t, typename GradientRow>
 NDADAM_ALWAYS_INLINE RowStatistics<acc_t> row_statistics(const source_t* w, const GradientRow& grad,
                                                          const acc_t* __restrict__ m, int64_t row_length) {
-  return row_statistics(w, grad, m, row_length, NextRow<source_t, source_t, acc_t>{});
+  return row_statistics(w, grad, m, row_length, RowPointers<source_t, source_t, acc_t>{});
 }
 
 // One element of the statistics form's update: m' = β1 m + (1-β1)(ḡ - a w), stored, and
@@ -375,14 +376,14 @@ template <typename param_t, typename acc_t>
 NDADAM_ALWAYS_INLINE void exact_row_step(param_t* w, const param_t* grad, acc_t* m, acc_t* v, int64_t row_length,
                                          const StepScalars<acc_t>& k) {
   exact_row_step(w, Gradient<param_t, acc_t, false>{grad, acc_t(1)}, m, v, row_length, k,
-                 RowWriter<param_t, acc_t, RowWrite::kParam>{w}, NextRow<param_t, param_t, acc_t>{});
+                 RowWriter<param_t, acc_t, RowWrite::kParam>{w}, RowPointers<param_t, param_t, acc_t>{});
 }
 
 template <typename param_t, typename acc_t>
 NDADAM_ALWAYS_INLINE void statistics_row_step(param_t* w, const param_t* grad, acc_t* m, acc_t* v,
                                               int64_t row_length, const StepScalars<acc_t>& k) {
   carried_statistics_row_step(w, Gradient<param_t, acc_t, false>{grad, acc_t(1)}, m, v, row_length, k,
-                              RowWriter<param_t, acc_t, RowWrite::kParam>{w}, NextRow<param_t, param_t, acc_t>{},
+                              RowWriter<param_t, acc_t, RowWrite::kParam>{w}, RowPointers<param_t, param_t, acc_t>{},
                               RowCarry<acc_t>{}, false);
 }
 

@@ -102,13 +102,13 @@ struct TensorRows {
     }
   }
 
-  cpu::NextRow<source_t, param_t, acc_t> at(int64_t tensor, int64_t row) const {
+  cpu::RowPointers<source_t, param_t, acc_t> at(int64_t tensor, int64_t row) const {
     const int64_t offset = row * length[tensor];
     return {w[tensor] + offset, grad[tensor] + offset, m[tensor] + offset};
   }
 
   // The row a thread steps after `row` of ranges[r] (its ranges are [r, end)): none after the last.
-  cpu::NextRow<source_t, param_t, acc_t> after(const std::vector<RowRange>& ranges, int64_t r, int64_t end,
+  cpu::RowPointers<source_t, param_t, acc_t> after(const std::vector<RowRange>& ranges, int64_t r, int64_t end,
                                                int64_t row) const {
     if (row + 1 < ranges[r].end_row) {
       return at(ranges[r].tensor, row + 1);
@@ -137,7 +137,7 @@ struct StatisticsOfRanges {
       const RowRange& range = ranges[r];
       const int64_t length = rows.length[range.tensor];
       for (int64_t row = range.first_row; row < range.end_row; ++row) {
-        const cpu::NextRow<source_t, param_t, acc_t> here = rows.at(range.tensor, row);
+        const cpu::RowPointers<source_t, param_t, acc_t> here = rows.at(range.tensor, row);
         const cpu::Gradient<param_t, acc_t, kUnscale> g{here.grad, static_cast<acc_t>(grad_scale)};
         const RowStatistics<acc_t> st =
             cpu::row_statistics(here.w, g, here.m, length, rows.after(ranges, r, end, row));
@@ -190,16 +190,13 @@ struct ApplyToRanges {
       const RowRange& range = ranges[r];
       const int64_t tensor = range.tensor;
       const int64_t length = rows.length[tensor];
+      // Rows are read through `rows` (the master copy or the param, as for phase 1) and written
+      // through these.
       param_t* w = call.params[tensor].data_ptr<param_t>();
       acc_t* master = nullptr;
-      const source_t* source;
       if constexpr (kWrite == cpu::RowWrite::kMasterAndParam) {
         master = call.master_params[tensor].data_ptr<acc_t>();
-        source = master;
-      } else {
-        source = w;
       }
-      const param_t* grad = call.grads[tensor].const_data_ptr<param_t>();
       acc_t* m = call.exp_avgs[tensor].data_ptr<acc_t>();
       acc_t* v = call.exp_avg_sqs[tensor].data_ptr<acc_t>();
       for (int64_t row = range.first_row; row < range.end_row; ++row) {
@@ -214,8 +211,9 @@ struct ApplyToRanges {
           write.key = keys[tensor];
           write.first_index = offset;
         }
-        const cpu::Gradient<param_t, acc_t, kUnscale> g{grad + offset, static_cast<acc_t>(grad_scale)};
-        cpu::apply_row_update(source + offset, g, m + offset, length, stats.grad_dot_w, update, scalars[tensor], write,
+        const cpu::RowPointers<source_t, param_t, acc_t> here = rows.at(tensor, row);
+        const cpu::Gradient<param_t, acc_t, kUnscale> g{here.grad, static_cast<acc_t>(grad_scale)};
+        cpu::apply_row_update(here.w, g, m + offset, length, stats.grad_dot_w, update, scalars[tensor], write,
                               rows.after(ranges, r, end, row));
         v[row] = update.exp_avg_sq;
       }

@@ -52,7 +52,7 @@ struct Work {
   int64_t single_pass_limit;
   acc_t grad_scale;
 
-  cpu::NextRow<source_t, param_t, acc_t> row_pointers(int64_t tensor, int64_t row) const {
+  cpu::RowPointers<source_t, param_t, acc_t> row_pointers(int64_t tensor, int64_t row) const {
     const int64_t offset = row * row_lengths[tensor];
     return {sources[tensor] + offset, grads[tensor] + offset, exp_avgs[tensor] + offset};
   }
@@ -75,7 +75,7 @@ struct StepRuns {
       cpu::RowCarry<acc_t> carried;
       for (int64_t row = run.first_row; row < run.end_row; ++row) {
         // The next row this thread steps, for the kernel to prefetch.
-        cpu::NextRow<source_t, param_t, acc_t> next;
+        cpu::RowPointers<source_t, param_t, acc_t> next;
         if (row + 1 < run.end_row) {
           next = work.row_pointers(tensor, row + 1);
         } else if (r + 1 < end) {
