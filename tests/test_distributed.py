@@ -373,6 +373,40 @@ def _check_split_step_equals_one_process(implementation, dtype, pieces):
         assert (result_sqs[i].double() - expected[3][i].double()).abs().max() <= tolerance * scale
 
 
+@pytest.mark.parametrize("implementation", ROW_SPLIT_BACKENDS)
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_rows_split_ops_with_master_copies_equal_the_one_process_step(implementation, pieces):
+    """bf16 params with fp32 master copies: phase 1 reads the masters' pieces, phase 2 writes the
+    masters and their rounding into the params: the one-process step with the same masters, at
+    fp32's tolerance (the masters differ from the bf16 params by more than that)."""
+    params, grads, exp_avgs, exp_avg_sqs, steps = _problem(torch.bfloat16)
+    generator = torch.Generator().manual_seed(1)
+    masters = [_unit(p.shape, torch.float32, generator) for p in params]
+    params = [m.to(torch.bfloat16) for m in masters]
+    expected = [[t.clone() for t in group] for group in (params, grads, exp_avgs, exp_avg_sqs, steps, masters)]
+    reference.vector_step(*expected[:5], hyper=_hyper(0.05), beta1=0.9, beta2=0.99, eps=1e-8, master_params=expected[5])
+
+    cut = [[_columns(t, pieces) for t in tensors] for tensors in (params, grads, exp_avgs, masters)]
+    rows = sum(p.shape[0] for p in params)
+    summed = torch.zeros(rows, 6)
+    for k in range(pieces):
+        statistics = torch.empty(rows, 6)
+        implementation.row_statistics(*[[t[k] for t in tensors] for tensors in cut[:3]], statistics,
+                                      master_params=[m[k] for m in cut[3]])
+        summed += statistics
+    for k in range(pieces):
+        implementation.apply_row_statistics(
+            *[[t[k] for t in tensors] for tensors in cut[:3]], [v.clone() for v in exp_avg_sqs],
+            [s.clone() for s in steps], summed, hyper=_hyper(0.05), beta1=0.9, beta2=0.99, eps=1e-8,
+            master_params=[m[k] for m in cut[3]],
+        )
+    for i in range(len(SPLIT_SHAPES)):
+        master = torch.cat(cut[3][i], dim=1)
+        assert (master.double() - expected[5][i].double()).abs().max() <= 1e-5, SPLIT_SHAPES[i]
+        assert torch.equal(torch.cat(cut[0][i], dim=1), master.to(torch.bfloat16).reshape(params[i].shape))
+        assert (torch.cat(cut[2][i], dim=1).double() - expected[2][i].double()).abs().max() <= 1e-5
+
+
 def _native_cpu_copy_runs(instruction_set: str, monkeypatch) -> bool:
     """Whether this CPU and build run the native CPU kernels' copy for ``instruction_set``."""
     params, grads, exp_avgs, _, _ = _problem(torch.float32)
