@@ -138,6 +138,29 @@ def test_runs_of_rows_past_the_cut_over_cpu(dtype):
     )
 
 
+#: Tensors of several of the CPU kernel's runs (about 65,536 elements of whole rows) each, with
+#: rows of unequal cost: longer than L1, past the cut-over, one row longer than a run, short.
+RUNS_OF_UNEQUAL_COST = [(40, 5000), (3, 9000), (300, 300), (2, 70000), (5, 7)]
+
+
+def test_runs_claimed_by_any_number_of_threads_match_reference_cpu():
+    # The threads claim runs one at a time: every run is stepped once whatever the thread count,
+    # and a row's result does not depend on which thread stepped it.
+    previous = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            backend_cases.compare_with_reference("native", RUNS_OF_UNEQUAL_COST, torch.float32, 3)
+            params, opt = backend_cases.run("native", RUNS_OF_UNEQUAL_COST, torch.float32, 3)
+            results[threads] = [(p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]) for p in params]
+    finally:
+        torch.set_num_threads(previous)
+    for threads in (2, 3):
+        for one, many in zip(results[1], results[threads]):
+            assert all(torch.equal(a, b) for a, b in zip(one, many)), f"{threads} threads differ from one"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_two_paths_really_differ(device, single_pass_limit):
     """Forcing a path changes which code runs: the two paths round differently (same math)."""
