@@ -33,7 +33,10 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CPU_SOURCES = ["csrc/ndadam_op.cpp", "csrc/cpu/vector_step_cpu.cpp", "csrc/split_rows_op.cpp", "csrc/cpu/split_rows_cpu.cpp"]
+CPU_SOURCES = [
+    "csrc/ndadam_op.cpp", "csrc/cpu/vector_step_cpu.cpp", "csrc/split_rows_op.cpp", "csrc/cpu/split_rows_cpu.cpp",
+    "csrc/scalar_step_op.cpp", "csrc/cpu/scalar_step_cpu.cpp",
+]
 CUDA_SOURCES = ["csrc/cuda/vector_step_cuda.cu"]
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
@@ -64,8 +67,9 @@ def _extension_build():
     use_cuda = (
         not _flag("NDADAM_NO_CUDA") and torch.version.cuda is not None and _nvcc_found(cpp_extension.CUDA_HOME)
     )
-    # -fopenmp: at::parallel_for is inline OpenMP code, compiled here.
-    cxx_flags = ["-O3", "-fopenmp"]
+    # -fopenmp: at::parallel_for is inline OpenMP code, compiled here. -fno-math-errno: a sqrt
+    # that may set errno is never vectorized (the scalar op's elementwise sqrt ran scalar).
+    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"]
     link_flags = ["-fopenmp"]
     sources = list(CPU_SOURCES)
     if use_cuda:

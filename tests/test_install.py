@@ -98,7 +98,8 @@ def test_install_ships_types_license_and_sources(installed):
     licenses = list(installed.glob("ndadam_fused-*.dist-info/licenses/LICENSE"))
     assert len(licenses) == 1 and "MIT License" in licenses[0].read_text()
     for source in ("ndadam_op.cpp", "ndadam_op.h", "ndadam_row_math.h", "cpu/vector_step_cpu.cpp",
-                   "cpu/ndadam_cpu_rows.h", "cuda/vector_step_cuda.cu"):
+                   "cpu/ndadam_cpu_rows.h", "cuda/vector_step_cuda.cu", "scalar_step_op.cpp", "scalar_step_op.h",
+                   "cpu/scalar_step_cpu.cpp"):
         assert (package / "_csrc" / source).read_bytes() == (ROOT / "csrc" / source).read_bytes(), source
     assert not list(package.glob("_C*.so")), "this install was meant to have no compiled extension"
     # setuptools >= 77 deprecates the `license = {text = ...}` table (PEP 639: an SPDX string).
@@ -157,9 +158,11 @@ assert backends.resolve("auto", "cpu") is native
 import ndadam_fused._C as C
 assert C is native._C and C.__file__.startswith({extensions!r}), C.__file__
 assert C.BUILT_WITH_CUDA == 0 and C.SINGLE_PASS_MAX_ROW_LENGTH == 8192
+# The build at first use has the CPU scalar op too (its sources are in _jit's list).
+assert hasattr(torch.ops.ndadam_fused, "scalar_step_")
 import backend_cases
 for dtype in (torch.float64, torch.float32):
-    backend_cases.compare_with_reference("native", backend_cases.SECTION_7_SHAPES, dtype, 25)
+    backend_cases.compare_with_reference("native", backend_cases.SECTION_7_SHAPES + backend_cases.SCALAR_SHAPES, dtype, 25)
 print("ok")
 """
 

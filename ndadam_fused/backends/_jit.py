@@ -42,7 +42,7 @@ __all__ = ["OPT_OUT_VARIABLE", "JitBuildError", "build_directory", "load_extensi
 #: Set to 1 to never compile at first use.
 OPT_OUT_VARIABLE = "NDADAM_NO_JIT_BUILD"
 
-_CPU_SOURCES = ("ndadam_op.cpp", "cpu/vector_step_cpu.cpp")
+_CPU_SOURCES = ("ndadam_op.cpp", "cpu/vector_step_cpu.cpp", "scalar_step_op.cpp", "cpu/scalar_step_cpu.cpp")
 _CUDA_SOURCES = ("cuda/vector_step_cuda.cu",)
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
@@ -198,8 +198,9 @@ def load_extension() -> ModuleType:
     notice = _lock_notice(directory, cpp_extension)
     if notice is not None:
         print(notice, file=sys.stderr, flush=True)
-    # -fopenmp: at::parallel_for is inline OpenMP code, compiled here (as in setup.py).
-    cflags = ["-O3", "-fopenmp"] + (["-DNDADAM_WITH_CUDA=1"] if with_cuda else [])
+    # -fopenmp: at::parallel_for is inline OpenMP code, compiled here; -fno-math-errno lets
+    # sqrt vectorize (both as in setup.py).
+    cflags = ["-O3", "-fno-math-errno", "-fopenmp"] + (["-DNDADAM_WITH_CUDA=1"] if with_cuda else [])
     try:
         path = cpp_extension.load(
             name=name,

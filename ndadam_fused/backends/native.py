@@ -6,8 +6,11 @@ updates every row of every tensor it is given (one CUDA kernel launch), so this 
 call per (device, dtype) of a group. The fake implementation below lets ``torch.compile`` trace
 the op as one opaque, mutating node.
 
-Scalar groups use torch's own fused Adam (``torch.optim.adam.adam(fused=True)``, on CUDA and on
-CPU): ND-Adam's scalars are plain Adam with L2 weight decay, which torch already fuses.
+Scalar groups (ND-Adam's scalars are plain Adam with L2 weight decay) go through
+``torch.ops.ndadam_fused.scalar_step_`` on the CPU (``csrc/cpu/scalar_step_cpu.cpp``: one loop
+over all of them) and through torch's own fused Adam (``torch.optim.adam.adam(fused=True)``) on
+CUDA, where it is one multi-tensor launch, and wherever the op does not take the tensors (see
+:func:`scalar_step`).
 
 The cut-over between the kernels' exact single-pass path and the two-pass statistics path is
 :data:`SINGLE_PASS_MAX_ROW_LENGTH` (None: the kernels' default, ``_C.SINGLE_PASS_MAX_ROW_LENGTH``);
@@ -62,6 +65,14 @@ def _register_fake() -> None:
         rounding_seeds=(), max_single_pass_row_length=-1,
     ) -> None:
         return None
+
+    if hasattr(torch.ops.ndadam_fused, "scalar_step_"):
+
+        @torch.library.register_fake("ndadam_fused::scalar_step_")
+        def _scalar_step_fake(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper, weight_decay, grad_scale=None, found_inf=None,
+        ) -> None:
+            return None
 
     if not hasattr(torch.ops.ndadam_fused, "row_statistics_"):
         return  # an extension built without the rows-split ops (row_split_unavailable_reason says so)
@@ -178,8 +189,57 @@ def _on(tensor: Tensor | None, device: torch.device) -> Tensor | None:
     return tensor.to(device, non_blocking=True)
 
 
-#: θ^s of Algorithm 1: torch's fused Adam (CPU and CUDA) with L2 weight decay.
-scalar_step = functools.partial(adam_step, implementation="fused")
+_fused_adam_step = functools.partial(adam_step, implementation="fused")
+
+
+def scalar_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    hyper: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    rounding_seeds: list[Tensor] | None = None,
+) -> None:
+    """θ^s of Algorithm 1, Adam with L2 weight decay: ``ndadam_fused::scalar_step_`` (one C++ loop
+    over every tensor, step counters included) for CPU tensors that it takes, torch's fused Adam
+    (the same math, in ``ndadam_fused.backends.scalars``) for the rest.
+
+    The op takes contiguous tensors with their state in their own dtype. torch's fused Adam
+    steps CUDA tensors in one multi-tensor launch already, and master copies, stochastic
+    rounding and other layouts are its wrapper's business; on the CPU it forks the intra-op
+    threads once per tensor.
+    """
+    if (
+        params
+        and params[0].device.type == "cpu"
+        and master_params is None
+        and rounding_seeds is None
+        and hasattr(torch.ops.ndadam_fused, "scalar_step_")  # an extension built before the op had none
+        and all(
+            p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
+            and m.dtype == p.dtype and v.dtype == p.dtype
+            for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs)
+        )
+    ):
+        torch.ops.ndadam_fused.scalar_step_(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, _on(hyper, params[0].device), float(weight_decay),
+            _on(grad_scale, params[0].device), _on(found_inf, params[0].device),
+        )
+        return
+    _fused_adam_step(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper=hyper, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf, master_params=master_params,
+        rounding_seeds=rounding_seeds,
+    )
 
 
 # ---- The rows-split step (rows split across ranks; see ndadam_fused.backends.row_statistics) ----
