@@ -27,11 +27,12 @@ namespace ndadam {
 
 namespace {
 
-// Elements are handed out in pieces of this many; calls with fewer than kParallelElements in
-// all run on the calling thread (an OpenMP fork and join costs about as much as stepping
-// 20,000 fp32 elements on one core).
+// Elements are handed out in pieces of this many; calls of fewer than two pieces' worth run on
+// the calling thread. One fp32 tensor through the op (call included), two cores: 4,096 elements
+// took 8.0 µs inline and 11.9 µs through at::parallel_for; 32,768 took 26.7 µs on one thread and
+// 19.0 µs on two.
 constexpr int64_t kElementsPerPiece = 1 << 14;
-constexpr int64_t kParallelElements = 1 << 16;
+constexpr int64_t kParallelElements = 2 * kElementsPerPiece;
 
 struct Piece {
   int64_t tensor;
