@@ -98,6 +98,16 @@ void check_master_and_rounding(const char* op, at::TensorList params, at::Tensor
   }
 }
 
+void check_gradient(const char* op, at::TensorList grads, at::TensorList params, size_t index) {
+  const at::Tensor& g = grads[index];
+  const at::Tensor& p = params[index];
+  TORCH_CHECK(g.layout() == at::kStrided && g.device() == p.device() && g.scalar_type() == p.scalar_type() &&
+                  g.sizes() == p.sizes() && g.is_contiguous(),
+              op, ": grads[", index, "] is a ", describe(g), (g.layout() == at::kStrided ? "" : " (sparse)"),
+              " but params[", index, "] is a ", describe(p),
+              "; the gradient must be dense, contiguous and match its param in shape, dtype and device");
+}
+
 HostHyperparameters read_and_check_hyperparameters(const char* op, const at::Tensor& hyper) {
   const double* values = hyper.const_data_ptr<double>();
   const HostHyperparameters h{values[0], values[1], values[2], values[3]};
@@ -152,12 +162,7 @@ void check_vector_step_arguments(const VectorStepTensors& call, const at::Tensor
                 "; a vector tensor needs at least 2 dims (one row per hidden unit)");
     TORCH_CHECK(p.is_contiguous(), kOp, ": params[", i, "] (", describe(p), ") must be contiguous");
 
-    const at::Tensor& g = grads[i];
-    TORCH_CHECK(g.layout() == at::kStrided, kOp, ": grads[", i, "] is sparse; the kernels take dense gradients");
-    TORCH_CHECK(g.device() == device && g.scalar_type() == dtype && g.sizes() == p.sizes(), kOp, ": grads[", i,
-                "] is a ", describe(g), " but params[", i, "] is a ", describe(p),
-                "; the gradient must match its param in shape, dtype and device");
-    TORCH_CHECK(g.is_contiguous(), kOp, ": grads[", i, "] (", describe(g), ") must be contiguous");
+    check_gradient(kOp, grads, params, i);
 
     const at::Tensor& m = exp_avgs[i];
     TORCH_CHECK(m.device() == device && m.scalar_type() == acc_dtype && m.sizes() == p.sizes() && m.is_contiguous(),

@@ -48,6 +48,9 @@ void check_scaler_tensors(const char* op, const std::optional<at::Tensor>& grad_
 void check_master_and_rounding(const char* op, at::TensorList params, at::TensorList master_params,
                                at::TensorList rounding_seeds);
 
+// grads[index]: dense, contiguous, and like params[index] in shape, dtype and device.
+void check_gradient(const char* op, at::TensorList grads, at::TensorList params, size_t index);
+
 // The values of a CPU hyper tensor, checked as the optimizer checks them (lr and eps finite and
 // >= 0, betas in [0, 1)): an error names the element.
 HostHyperparameters read_and_check_hyperparameters(const char* op, const at::Tensor& hyper);

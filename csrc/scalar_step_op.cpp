@@ -51,11 +51,8 @@ void check_scalar_step_arguments(at::TensorList params, at::TensorList grads, at
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
                 ": params[", i, "] is a ", describe(p), "; the kernel takes float32, float64, bfloat16 or float16");
     TORCH_CHECK(p.is_contiguous(), kOp, ": params[", i, "] (", describe(p), ") must be contiguous");
+    check_gradient(kOp, grads, params, i);
     const at::Tensor& g = grads[i];
-    TORCH_CHECK(g.layout() == at::kStrided && g.device() == p.device() && g.scalar_type() == dtype &&
-                    g.sizes() == p.sizes() && g.is_contiguous(),
-                kOp, ": grads[", i, "] is a ", describe(g), " but params[", i, "] is a ", describe(p),
-                "; the gradient must be dense, contiguous and match its param in shape, dtype and device");
     TORCH_CHECK(!g.is_same(p), kOp, ": grads[", i, "] is params[", i, "] itself");
     for (const auto& [name, state] : {std::pair<const char*, const at::Tensor&>{"exp_avgs", exp_avgs[i]},
                                       std::pair<const char*, const at::Tensor&>{"exp_avg_sqs", exp_avg_sqs[i]}}) {

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "ndadam_op.h"
 #include "split_rows_op.h"
 
 namespace ndadam {
@@ -50,11 +51,7 @@ void check_rows(const char* op, at::TensorList params, at::TensorList grads, at:
     TORCH_CHECK(p.dim() >= 2, op, ": params[", i, "] is a ", describe(p),
                 "; a vector tensor needs at least 2 dims (one row per hidden unit)");
     TORCH_CHECK(p.is_contiguous(), op, ": params[", i, "] (", describe(p), ") must be contiguous");
-    const at::Tensor& g = grads[i];
-    TORCH_CHECK(g.layout() == at::kStrided && g.device() == p.device() && g.scalar_type() == dtype &&
-                    g.sizes() == p.sizes() && g.is_contiguous(),
-                op, ": grads[", i, "] is a ", describe(g), " but params[", i, "] is a ", describe(p),
-                "; the gradient must be dense, contiguous and match its param in shape, dtype and device");
+    check_gradient(op, grads, params, i);
     const at::Tensor& m = exp_avgs[i];
     TORCH_CHECK(m.device() == p.device() && m.scalar_type() == acc_dtype && m.sizes() == p.sizes() &&
                     m.is_contiguous(),
