@@ -32,17 +32,30 @@ namespace {
 
 constexpr const char* kOp = "ndadam_fused::vector_step_";
 
-std::string describe(const at::Tensor& t) {
-  std::string text = std::string(c10::toString(t.scalar_type())) + " tensor of shape " +
-                     c10::str(t.sizes()) + " on " + t.device().str();
-  return text;
-}
-
 at::ScalarType state_dtype(at::ScalarType param_dtype) {
   return param_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 }  // namespace
+
+std::string describe(const at::Tensor& t) {
+  return std::string(c10::toString(t.scalar_type())) + " tensor of shape " + c10::str(t.sizes()) + " on " +
+         t.device().str();
+}
+
+bool cpu_found_inf(const std::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f;
+}
+
+std::vector<float> increment_cpu_steps(at::TensorList state_steps) {
+  std::vector<float> steps(state_steps.size());
+  for (size_t i = 0; i < state_steps.size(); ++i) {
+    float* step = state_steps[i].data_ptr<float>();
+    *step = *step + 1.0f;
+    steps[i] = *step;
+  }
+  return steps;
+}
 
 int64_t resolve_single_pass_limit(int64_t max_single_pass_row_length) {
   return max_single_pass_row_length < 0 ? kSinglePassMaxRowLength : max_single_pass_row_length;

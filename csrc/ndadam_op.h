@@ -7,6 +7,8 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
+#include <vector>
 
 namespace ndadam {
 
@@ -47,6 +49,16 @@ void check_scaler_tensors(const char* op, const std::optional<at::Tensor>& grad_
 // rounding_seeds: absent, or one int64 element per bfloat16 param, not together with master_params.
 void check_master_and_rounding(const char* op, at::TensorList params, at::TensorList master_params,
                                at::TensorList rounding_seeds);
+
+// "<dtype> tensor of shape [...] on <device>", as the ops' error messages describe a tensor.
+std::string describe(const at::Tensor& t);
+
+// CPU kernels, after every check: whether GradScaler's found_inf (given and nonzero) says the
+// step changes nothing, step counts included;
+bool cpu_found_inf(const std::optional<at::Tensor>& found_inf);
+// and, when it does not, every step count plus 1 (in float32, as the reference increments its
+// float32 step tensor), written back and returned.
+std::vector<float> increment_cpu_steps(at::TensorList state_steps);
 
 // grads[index]: dense, contiguous, and like params[index] in shape, dtype and device.
 void check_gradient(const char* op, at::TensorList grads, at::TensorList params, size_t index);

@@ -20,11 +20,6 @@ namespace {
 
 constexpr const char* kOp = "ndadam_fused::scalar_step_";
 
-std::string describe(const at::Tensor& t) {
-  return std::string(c10::toString(t.scalar_type())) + " tensor of shape " + c10::str(t.sizes()) + " on " +
-         t.device().str();
-}
-
 }  // namespace
 
 void check_scalar_step_arguments(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,

@@ -18,11 +18,6 @@ namespace ndadam {
 
 namespace {
 
-std::string describe(const at::Tensor& t) {
-  return std::string(c10::toString(t.scalar_type())) + " tensor of shape " + c10::str(t.sizes()) + " on " +
-         t.device().str();
-}
-
 // Checks shared by both ops: one entry per param in every list, params of one device and dtype
 // with 2+ dims, gradients and first moments shaped like them, all contiguous, and the buffer.
 // Returns nothing: raises with the op's name, the argument and its index.

@@ -135,16 +135,11 @@ void scalar_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   const cpu::InstructionSet instruction_set = cpu::chosen_instruction_set(kOp);
   // GradScaler found an inf or a NaN: nothing changes, step counts included (as torch's fused
   // Adam leaves them, which counts the step and takes it back).
-  if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) {
+  if (cpu_found_inf(found_inf)) {
     return;
   }
   // Everything is checked: from here on the op runs to the end.
-  std::vector<float> steps(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    float* step = state_steps[i].data_ptr<float>();
-    *step = *step + 1.0f;
-    steps[i] = *step;
-  }
+  const std::vector<float> steps = increment_cpu_steps(state_steps);
   const double scale = grad_scale.has_value() ? static_cast<double>(*grad_scale->const_data_ptr<float>()) : 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), kOp, [&] {
     if (grad_scale.has_value()) {

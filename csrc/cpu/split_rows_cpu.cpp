@@ -280,17 +280,12 @@ void apply_row_statistics_cpu(at::TensorList params, at::TensorList grads, at::T
   }
   const cpu::InstructionSet instruction_set = cpu::chosen_instruction_set("ndadam_fused::apply_row_statistics_");
   // GradScaler found an inf or a NaN: nothing changes, step counts included.
-  if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) {
+  if (cpu_found_inf(found_inf)) {
     return;
   }
   const double scale = grad_scale.has_value() ? static_cast<double>(*grad_scale->const_data_ptr<float>()) : 1.0;
   // Everything is checked: from here on the op runs to the end.
-  std::vector<float> steps(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    float* step = state_steps[i].data_ptr<float>();
-    *step = *step + 1.0f;  // in float32, as the reference increments its float32 step tensor
-    steps[i] = *step;
-  }
+  const std::vector<float> steps = increment_cpu_steps(state_steps);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
                                   "ndadam_fused::apply_row_statistics_", [&] {
                                     with_row_write<scalar_t>(master_params, rounding_seeds, [&](auto write) {

@@ -209,7 +209,7 @@ void vector_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   }
   const cpu::InstructionSet instruction_set = cpu::chosen_instruction_set("ndadam_fused::vector_step_");
   // GradScaler found an inf or a NaN: nothing changes, step counts included.
-  if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) {
+  if (cpu_found_inf(found_inf)) {
     return;
   }
   CallScalars scalars{h.lr, h.beta1, h.beta2, h.eps, 1.0, false};
@@ -218,13 +218,7 @@ void vector_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     scalars.unscale = true;
   }
   // Everything is checked: from here on the op runs to the end.
-  std::vector<float> steps(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    float* step = state_steps[i].data_ptr<float>();
-    // In float32, as the reference increments its float32 step tensor.
-    *step = *step + 1.0f;
-    steps[i] = *step;
-  }
+  const std::vector<float> steps = increment_cpu_steps(state_steps);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "ndadam_fused::vector_step_", [&] {
     update_rows_for_options<scalar_t>(call, steps, scalars, resolve_single_pass_limit(max_single_pass_row_length),
                                       instruction_set);

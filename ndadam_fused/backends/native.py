@@ -55,9 +55,13 @@ else:
 #: Why the build at first use failed (None: not tried, or it worked).
 _BUILD_ERROR: str | None = None
 _build_lock = threading.Lock()
+#: Whether the loaded extension has the CPU scalar op (one built before it was added has not);
+#: set where the extension is loaded (_register_fake), read by scalar_step at every step.
+_HAS_SCALAR_OP = False
 
 
 def _register_fake() -> None:
+    global _HAS_SCALAR_OP
     # The ops only mutate their inputs in place: no outputs to describe.
     @torch.library.register_fake("ndadam_fused::vector_step_")
     def _vector_step_fake(
@@ -66,7 +70,8 @@ def _register_fake() -> None:
     ) -> None:
         return None
 
-    if hasattr(torch.ops.ndadam_fused, "scalar_step_"):
+    _HAS_SCALAR_OP = hasattr(torch.ops.ndadam_fused, "scalar_step_")
+    if _HAS_SCALAR_OP:
 
         @torch.library.register_fake("ndadam_fused::scalar_step_")
         def _scalar_step_fake(
@@ -223,7 +228,7 @@ def scalar_step(
         and params[0].device.type == "cpu"
         and master_params is None
         and rounding_seeds is None
-        and hasattr(torch.ops.ndadam_fused, "scalar_step_")  # an extension built before the op had none
+        and _HAS_SCALAR_OP
         and all(
             p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
             and m.dtype == p.dtype and v.dtype == p.dtype
